@@ -1,0 +1,412 @@
+"""Run a :class:`~nasar_zarr.plan.ConversionPlan`: the only module that writes the store.
+
+Order of writes, which is what makes a killed run safe to rerun:
+
+1. the store skeleton (all arrays, coordinates, attributes; no data chunks), once;
+2. per task, in one piece each: the Zarr shard of every data variable, then
+   ``rtc_present``, then ``status``, then the task record
+   ``_nasar/tasks/NNNNNN.json`` (counts, rejections, checksums of the objects);
+3. at the end, ``_nasar/rejections.json`` and the consolidated metadata.
+
+A task without a record is rewritten whole on the next run, so no half-written
+Zarr shard survives; a task with a record is never touched again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import uuid
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import xarray as xr
+
+from . import __version__, schema, source, store
+from . import metadata as meta
+from .errors import MetadataError, SourceError, StoreExistsError, StoreLockedError
+from .plan import ConversionPlan, ConvertOptions, ShardTask, read_metadata
+
+TASKS_DIR = f"{store.INTERNAL_PREFIX}/tasks"
+LOCK_FILE = f"{store.INTERNAL_PREFIX}/lock.json"
+REJECTIONS_FILE = f"{store.INTERNAL_PREFIX}/rejections.json"
+ATTRS_KEY = "nasar_zarr"
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def compressors(options: ConvertOptions) -> list:
+    """Zarr v3 core codecs only, so tensorstore and other readers open every array."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if options.codec == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=options.clevel, shuffle="bitshuffle")]
+    if options.codec == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=options.clevel, shuffle="bitshuffle")]
+    if options.codec == "zstd":
+        return [ZstdCodec(level=options.clevel)]
+    return []
+
+
+def skeleton(plan: ConversionPlan, table: pa.Table) -> tuple[xr.Dataset, dict]:
+    """The cube as a lazy Dataset (data never computed) plus its Zarr encoding."""
+    n, o = plan.n_samples, plan.options
+    shard = min(o.shard, max(n, 1))
+    inner = min(o.inner_chunk, shard)
+    coords: dict[str, Any] = {
+        schema.SAMPLE_DIM: (schema.SAMPLE_DIM, np.array(plan.sample_keys, dtype=object),
+                            {"long_name": "WebDataset sample key"}),
+    }
+    coords.update({d: (d, v, schema.LABEL_ATTRS[d]) for d, v in schema.LABELS.items()})
+    encoding: dict[str, dict] = {schema.SAMPLE_DIM: {"chunks": (max(n, 1),)}}
+    for name, (values, attrs) in meta.encode_table(table).items():
+        coord = name if name != schema.KEY_COLUMN else schema.KEY_COLUMN
+        if coord in coords:
+            coord = f"metadata_{name}"
+        if coord in schema.VARIABLES or coord in (schema.STATUS, schema.RTC_PRESENT):
+            coord = f"metadata_{name}"
+        coords[coord] = (schema.SAMPLE_DIM, values, {**attrs, "nasar_column": name})
+        enc: dict[str, Any] = {"chunks": (max(n, 1),)}
+        if attrs[meta.ENCODING_ATTR] == "timestamp":
+            unit = {"s": "seconds", "ms": "milliseconds", "us": "microseconds",
+                    "ns": "nanoseconds"}[np.datetime_data(values.dtype)[0]]
+            enc.update(units=f"{unit} since 1970-01-01", dtype="int64")
+        elif values.dtype.kind == "f":
+            enc["_FillValue"] = np.nan
+        coords[coord][2]["nasar_column"] = name
+        encoding[coord] = enc
+    ds = xr.Dataset(coords=coords)
+    data_enc = {"chunks": None, "shards": None, "compressors": compressors(o)}
+    for spec in schema.DATA_VARIABLES:
+        shape = (n, *spec.sample_shape)
+        ds[spec.name] = (spec.dims, da.empty(shape, chunks=(shard, *spec.sample_shape),
+                                             dtype=spec.dtype), spec.attrs)
+        encoding[spec.name] = {
+            **data_enc,
+            "chunks": (inner, *spec.sample_shape),
+            "shards": (shard, *spec.sample_shape),
+            "_FillValue": np.nan,
+        }
+    present_shape = (n, *(schema.DIM_SIZES[d] for d in schema.RTC_PRESENT_DIMS[1:]))
+    ds[schema.RTC_PRESENT] = (schema.RTC_PRESENT_DIMS,
+                              da.zeros(present_shape, chunks=(shard, 2, 2, 2), dtype=bool),
+                              schema.RTC_PRESENT_ATTRS)
+    encoding[schema.RTC_PRESENT] = {"chunks": (shard, 2, 2, 2), "_FillValue": None}
+    ds[schema.STATUS] = ((schema.SAMPLE_DIM,), da.zeros((n,), chunks=shard, dtype="uint8"),
+                         schema.STATUS_ATTRS)
+    encoding[schema.STATUS] = {"chunks": (shard,), "_FillValue": None}
+    ds.attrs = provenance(plan, table)
+    return ds, encoding
+
+
+def provenance(plan: ConversionPlan, table: pa.Table) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "title": "NA-SAR: North America SAR pretraining corpus (Zarr cube)",
+        "source": f"NA-SAR WebDataset release at {plan.source}",
+        "Conventions": "CF-1.11",
+        "history": f"{now}: converted by nasar-zarr {__version__}",
+        ATTRS_KEY: {
+            "version": __version__,
+            "created": now,
+            "layout": plan.options.layout(),
+            "codec_detail": "blosc zstd bitshuffle" if plan.options.codec == "blosc-zstd"
+            else plan.options.codec,
+            "source": plan.source,
+            "webdataset_summary": dict(plan.summary),
+            "tar_shards": [{"path": t.path, "size": t.size, "samples": t.samples}
+                           for t in plan.tar_shards],
+            "n_samples": plan.n_samples,
+            "metadata_schema": meta.schema_to_text(table.schema),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- lock
+
+
+@contextmanager
+def store_lock(dest: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Refuse a second converter on the same store; recover a lock left by a killed run."""
+    token = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+             "since": dt.datetime.now(dt.UTC).isoformat()}
+    held = store.read_json(dest, LOCK_FILE, storage_options)
+    if held and not _stale(held):
+        raise StoreLockedError(
+            f"{dest}: another conversion (pid {held.get('pid')} on {held.get('host')}, since"
+            f" {held.get('since')}) holds the lock; wait for it, or delete"
+            f" {LOCK_FILE} in the store if that process is gone"
+        )
+    store.write_json(dest, LOCK_FILE, token, storage_options)
+    try:
+        yield
+    finally:
+        current = store.read_json(dest, LOCK_FILE, storage_options)
+        if current and current.get("token") == token["token"]:
+            fs, root = store.filesystem(dest, storage_options)
+            fs.rm_file(f"{root}/{LOCK_FILE}")
+
+
+def _stale(held: Mapping[str, Any]) -> bool:
+    if held.get("host") != socket.gethostname():
+        return False  # cannot see other machines' processes: trust the lock
+    pid = int(held.get("pid", -1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+# ---------------------------------------------------------------------------- store
+
+
+def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> set[int]:
+    """Create the store, or check that the existing one matches; returns finished tasks."""
+    dest, so = plan.dest, plan.storage_options
+    existing = _existing_attrs(dest, so)
+    if existing is not None and not overwrite:
+        recorded = existing.get(ATTRS_KEY, {})
+        if recorded.get("layout") != plan.options.layout() or \
+                recorded.get("n_samples") != plan.n_samples or \
+                recorded.get("source") != plan.source:
+            raise StoreExistsError(
+                f"{dest} already holds a cube made with different options"
+                f" ({_describe(recorded)}; now {_describe(_planned(plan))});"
+                " pass --overwrite to replace it, or convert into a new destination"
+            )
+        return {int(p.rsplit("/", 1)[1][:-5]) for p in store.list_json(dest, TASKS_DIR, so)}
+    if existing is not None or _has_content(dest, so):
+        fs, root = store.filesystem(dest, so)
+        for child in fs.ls(root, detail=False):
+            if child.rstrip("/").rsplit("/", 1)[-1] != store.INTERNAL_PREFIX:
+                fs.rm(child, recursive=True)
+        fs_tasks = f"{root}/{TASKS_DIR}"
+        if fs.exists(fs_tasks):
+            fs.rm(fs_tasks, recursive=True)
+    ds, encoding = skeleton(plan, table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.to_zarr(store.zarr_store(dest, so), mode="w", compute=False, zarr_format=3,
+                   encoding=encoding, consolidated=False)
+    return set()
+
+
+def _planned(plan: ConversionPlan) -> dict:
+    return {"layout": plan.options.layout(), "n_samples": plan.n_samples, "source": plan.source}
+
+
+def _describe(recorded: Mapping[str, Any]) -> str:
+    layout = recorded.get("layout", {})
+    parts = [f"{k}={v}" for k, v in layout.items()]
+    parts.append(f"samples={recorded.get('n_samples')}")
+    parts.append(f"source={recorded.get('source')}")
+    return ", ".join(parts)
+
+
+def _existing_attrs(dest: str, so) -> dict | None:
+    doc = store.read_json(dest, "zarr.json", so)
+    return None if doc is None else doc.get("attributes", {})
+
+
+def _has_content(dest: str, so) -> bool:
+    fs, root = store.filesystem(dest, so)
+    try:
+        return bool(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+def run_task(
+    task: ShardTask,
+    *,
+    src: str,
+    dest: str,
+    options: ConvertOptions,
+    rejected_rows: Iterable[int] = (),
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Read a task's samples, write its Zarr shard of every variable once, record it."""
+    n = task.n_samples
+    batch = schema.empty_batch(n)
+    status = np.zeros(n, dtype="uint8")
+    rejections: list[dict] = []
+    nonfinite: list[dict] = []
+    for row in rejected_rows:
+        status[row - task.start] = schema.STATUS_REJECTED
+    for span in task.spans:
+        url = source.join(src, span.shard_path)
+        samples = source.read_samples(url, span.entries, shard=span.shard_path,
+                                      storage_options=storage_options,
+                                      max_member_bytes=options.max_member_bytes)
+        for row, (key, arrays) in zip(span.rows, samples, strict=True):
+            if isinstance(arrays, SourceError):
+                if options.on_error == "raise":
+                    raise arrays
+                rejections.append({"shard": span.shard_path, "key": key,
+                                   "reason": arrays.reason, "row": row})
+                status[row - task.start] = schema.STATUS_REJECTED
+                continue
+            schema.fill_batch(batch, row - task.start, arrays)
+            counts = source.nonfinite_counts(arrays)
+            if counts:
+                nonfinite.append({"shard": span.shard_path, "key": key, "row": row,
+                                  "nonfinite_values": counts})
+            status[row - task.start] = schema.STATUS_WRITTEN
+    present = schema.rtc_present(batch["rtc"]) & (status == schema.STATUS_WRITTEN)[
+        :, None, None, None]
+
+    group = store.open_group(dest, storage_options, mode="r+", use_consolidated=False)
+    region = slice(task.start, task.stop)
+    checksums: dict[str, int] = {}
+    for name in [spec.name for spec in schema.DATA_VARIABLES]:
+        group[name][region] = batch.pop(name)  # pop: free each buffer once written
+    group[schema.RTC_PRESENT][region] = present
+    group[schema.STATUS][region] = status
+    fs, root = store.filesystem(dest, storage_options)
+    for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]:
+        key = chunk_object(group[name], task.index)
+        checksums[key] = zlib.crc32(fs.cat_file(f"{root}/{key}"))
+    record = {
+        "index": task.index, "start": task.start, "stop": task.stop,
+        "written": int((status == schema.STATUS_WRITTEN).sum()),
+        "rejected": int((status == schema.STATUS_REJECTED).sum()),
+        "rejections": rejections, "nonfinite": nonfinite, "crc32": checksums,
+    }
+    store.write_json(dest, task_record_path(task.index), record, storage_options)
+    return record
+
+
+def chunk_object(array, shard_index: int) -> str:
+    """Store key of the object holding Zarr shard ``shard_index`` of ``array``."""
+    coords = (shard_index,) + (0,) * (array.ndim - 1)
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def task_record_path(index: int) -> str:
+    return f"{TASKS_DIR}/{index:06d}.json"
+
+
+def task_records(dest: str, storage_options: Mapping[str, Any] | None = None) -> list[dict]:
+    return [store.read_json(dest, p, storage_options)
+            for p in store.list_json(dest, TASKS_DIR, storage_options)]
+
+
+# ---------------------------------------------------------------------------- execute
+
+
+def execute(
+    plan: ConversionPlan,
+    *,
+    client=None,
+    workers: int | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> xr.Dataset:
+    """Write the cube described by ``plan`` and return it opened lazily.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client`` to run on. Without one, a LocalCluster of
+        ``workers`` processes (default: one per core) is started and closed.
+    workers
+        ``0`` runs every task in this process, one after the other.
+    progress
+        Show a progress bar (tasks) on stderr.
+    overwrite
+        Replace a store made with other options instead of refusing.
+    """
+    so = plan.storage_options
+    table = read_metadata(plan.source, so)
+    keys = tuple(table.column(schema.KEY_COLUMN).to_pylist())
+    if keys != plan.sample_keys:
+        raise MetadataError(
+            f"{plan.source}: metadata.parquet changed since the plan was made; plan again"
+        )
+    with store_lock(plan.dest, so):
+        done = prepare_store(plan, table, overwrite=overwrite)
+        todo = [t for t in plan.tasks if t.index not in done]
+        rejected_rows: dict[int, list[int]] = {}
+        for r in plan.rejected:
+            if r.row is not None:
+                rejected_rows.setdefault(r.row // plan.options.shard, []).append(r.row)
+        kwargs = {"src": plan.source, "dest": plan.dest, "options": plan.options,
+                  "storage_options": so}
+        calls = [(t, rejected_rows.get(t.index, [])) for t in todo]
+        for _ in _run(calls, kwargs, client=client, workers=workers, progress=progress,
+                      total=len(plan.tasks), initial=len(plan.tasks) - len(todo)):
+            pass
+        finalize(plan)
+    from .cube import open_cube
+
+    return open_cube(plan.dest, storage_options=so)
+
+
+def finalize(plan: ConversionPlan) -> None:
+    """Write the rejection report (plan + tasks) and consolidate the metadata."""
+    so = plan.storage_options
+    records = task_records(plan.dest, so)
+    report = [
+        {"shard": r.shard, "key": r.key, "reason": r.reason, "row": r.row}
+        for r in plan.rejected
+    ] + [rej for rec in records for rej in rec["rejections"]]
+    nonfinite = [nf for rec in records for nf in rec["nonfinite"]]
+    store.write_json(plan.dest, REJECTIONS_FILE,
+                     {"rejected": report, "nonfinite": nonfinite}, so)
+    store.consolidate(plan.dest, so)
+
+
+def _run(calls, kwargs, *, client, workers, progress, total, initial):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="shard", disable=not progress,
+               desc="convert")
+    try:
+        if client is None and workers == 0:
+            for task, rows in calls:
+                yield run_task(task, rejected_rows=rows, **kwargs)
+                bar.update()
+            return
+        from distributed import Client, LocalCluster, as_completed
+
+        owned = None
+        if client is None:
+            owned = LocalCluster(n_workers=workers or os.cpu_count() or 1,
+                                 threads_per_worker=1, processes=True,
+                                 dashboard_address=None, memory_limit=0)
+            client = Client(owned)
+        try:
+            futures = [
+                client.submit(run_task, task, rejected_rows=rows, **kwargs, pure=False,
+                              key=f"nasar-shard-{task.index}-{uuid.uuid4().hex[:8]}")
+                for task, rows in calls
+            ]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+                    bar.update()
+            except BaseException:
+                client.cancel(futures)
+                raise
+        finally:
+            if owned is not None:
+                client.close()
+                owned.close()
+    finally:
+        bar.close()

@@ -1,0 +1,73 @@
+"""Small helpers to reach a store by local path or fsspec URL (zarr and plain objects)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import zarr
+
+from . import source
+
+INTERNAL_PREFIX = "_nasar"  # converter bookkeeping objects, ignored by Zarr readers
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
+    """``(fs, root_path)`` for a local path or fsspec URL."""
+    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *,
+               read_only: bool = False):
+    """A zarr v3 store for ``url`` (LocalStore for paths, FsspecStore for URLs)."""
+    if source.is_remote(url):
+        return zarr.storage.FsspecStore.from_url(
+            url, storage_options=dict(storage_options or {}), read_only=read_only
+        )
+    path = url.split("://", 1)[1] if url.startswith("file://") else url
+    return zarr.storage.LocalStore(path, read_only=read_only)
+
+
+def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *,
+               mode: str = "r", use_consolidated: bool | None = None) -> zarr.Group:
+    store = zarr_store(url, storage_options, read_only=mode == "r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return zarr.open_group(store, mode=mode, zarr_format=3,
+                               use_consolidated=use_consolidated)
+
+
+def consolidate(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        zarr.consolidate_metadata(zarr_store(url, storage_options), zarr_format=3)
+
+
+def read_json(url: str, relative: str, storage_options=None, default=None):
+    fs, root = filesystem(url, storage_options)
+    try:
+        return json.loads(fs.cat_file(f"{root}/{relative}"))
+    except FileNotFoundError:
+        return default
+
+
+def write_json(url: str, relative: str, value, storage_options=None) -> None:
+    fs, root = filesystem(url, storage_options)
+    path = f"{root}/{relative}"
+    if not source.is_remote(url):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps(value, indent=1, sort_keys=True).encode())
+
+
+def list_json(url: str, relative_dir: str, storage_options=None) -> list[str]:
+    """Relative paths of the JSON objects under ``relative_dir`` (empty if none)."""
+    fs, root = filesystem(url, storage_options)
+    try:
+        found = fs.find(f"{root}/{relative_dir}")
+    except FileNotFoundError:
+        return []
+    return sorted(p[len(root) + 1 :] for p in found if p.endswith(".json"))
