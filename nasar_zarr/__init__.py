@@ -5,16 +5,35 @@ Importing the package registers the ``ds.nasar`` accessor.
 
 __version__ = "0.1.0"
 
+from .accessor import NasarAccessor, select  # noqa: E402  (registers ds.nasar)
 from .cube import metadata_table, open_cube  # noqa: E402
 from .errors import NasarZarrError  # noqa: E402
+from .normalize import clip_and_rescale, normalized  # noqa: E402
 from .plan import ConversionPlan, ConvertOptions, plan_conversion  # noqa: E402
+from .stats import histogram, quantiles  # noqa: E402
 
 __all__ = [
     "ConversionPlan",
     "ConvertOptions",
+    "NasarAccessor",
     "NasarZarrError",
     "__version__",
+    "clip_and_rescale",
+    "histogram",
     "metadata_table",
+    "normalized",
     "open_cube",
     "plan_conversion",
+    "quantiles",
+    "select",
+    "write_catalog",
 ]
+
+
+def __getattr__(name: str):
+    # intake is imported only when the catalog helpers are used.
+    if name == "write_catalog":
+        from .catalog import write_catalog
+
+        return write_catalog
+    raise AttributeError(f"module 'nasar_zarr' has no attribute {name!r}")

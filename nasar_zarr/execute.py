@@ -389,7 +389,7 @@ def _run(calls, kwargs, *, client, workers, progress, total, initial):
         if client is None:
             owned = LocalCluster(n_workers=workers or os.cpu_count() or 1,
                                  threads_per_worker=1, processes=True,
-                                 dashboard_address=None, memory_limit=0)
+                                 dashboard_address=":0", memory_limit=0)
             client = Client(owned)
         try:
             futures = [

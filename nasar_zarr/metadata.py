@@ -14,7 +14,7 @@ in the root attributes, so :func:`decode_table` rebuilds the original table.
 | bool with nulls               | float32 1/0, null -> NaN      | ``nullable_bool``, _FillValue  |
 | timestamp (any unit, any tz)  | datetime64 UTC, null -> NaT   | ``timestamp``, nasar_timezone  |
 | string / large_string         | variable-length UTF-8         | ``string``, nasar_missing      |
-| dictionary of strings         | the labels as strings         | ``string``                     |
+| dictionary of strings         | the labels as strings         | ``string``, nasar_categories   |
 | anything else (lists, ...)    | JSON text per row             | ``json``                       |
 """
 
@@ -49,10 +49,11 @@ def encode_column(name: str, column: pa.ChunkedArray | pa.Array) -> tuple[np.nda
         column = column.combine_chunks()
     t = column.type
     has_nulls = column.null_count > 0
-    if pa.types.is_dictionary(t) and pa.types.is_string(t.value_type) or (
-        pa.types.is_dictionary(t) and pa.types.is_large_string(t.value_type)
+    if pa.types.is_dictionary(t) and (
+        pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
     ):
-        return encode_column(name, column.cast(pa.string()))
+        values, attrs = encode_column(name, column.cast(pa.string()))
+        return values, {**attrs, "nasar_categories": column.dictionary.to_pylist()}
     if pa.types.is_integer(t):
         if not has_nulls:
             return column.to_numpy(zero_copy_only=False), {ENCODING_ATTR: "native"}
@@ -118,7 +119,12 @@ def decode_column(values: np.ndarray, attrs: Mapping[str, Any], type_: pa.DataTy
         missing = attrs.get("nasar_missing")
         items = [None if missing is not None and v == missing else str(v) for v in values]
         if pa.types.is_dictionary(type_):
-            return pa.array(items, type=pa.string()).dictionary_encode().cast(type_)
+            categories = list(attrs["nasar_categories"])
+            code = {c: i for i, c in enumerate(categories)}
+            indices = pa.array([None if v is None else code[v] for v in items],
+                               type=type_.index_type)
+            return pa.DictionaryArray.from_arrays(
+                indices, pa.array(categories, type=type_.value_type), ordered=type_.ordered)
         return pa.array(items, type=type_)
     if how == "json":
         return pa.array([json.loads(v) for v in values], type=type_)

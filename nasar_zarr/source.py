@@ -81,8 +81,8 @@ def open_binary(url: str, storage_options: Mapping[str, Any] | None = None) -> I
         with open(path, "rb", buffering=0) as f:
             yield f
         return
-    kwargs = {"block_size": _REMOTE_BLOCK_SIZE, "cache_type": "readahead"}
-    with fsspec.open(url, "rb", **kwargs, **dict(storage_options or {})) as f:
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    with fs.open(path, "rb", block_size=_REMOTE_BLOCK_SIZE, cache_type="readahead") as f:
         yield f
 
 

@@ -68,14 +68,15 @@ def smooth_field(rng: np.random.Generator, lead: tuple[int, ...], coarse: int = 
 
 def terrain(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """DEM in metres (multi-scale relief over a base height) and its slope in degrees."""
-    base = rng.uniform(-20.0, 3000.0, size=(n, 1, 1)).astype(np.float32)
-    relief = rng.lognormal(np.log(120.0), 1.0, size=(n, 1, 1)).clip(2, 1500).astype(np.float32)
+    base = rng.uniform(0.0, 3000.0, size=(n, 1, 1)).astype(np.float32)
+    # Low plains are flat, mountains rugged: relief grows with base height.
+    relief = rng.lognormal(np.log(120.0), 1.0, size=(n, 1, 1)).clip(2, 0.4 * base + 50)
     field = (
         smooth_field(rng, (n,), 3)
         + 0.5 * smooth_field(rng, (n,), 9)
         + 0.2 * smooth_field(rng, (n,), 17)
     )
-    dem = base + relief * field
+    dem = np.maximum(base + relief.astype(np.float32) * field, -100.0)
     dzdy, dzdx = np.gradient(dem, PIXEL_SPACING_M, axis=(1, 2))
     slope = np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
     return dem.astype(np.float32), slope

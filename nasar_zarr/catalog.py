@@ -1,0 +1,252 @@
+"""Intake glue, confined to this module: catalog drivers and a catalog writer.
+
+``catalogs/nasar.yaml`` (and what :func:`write_catalog` writes) is a classic
+intake YAML catalog that intake 2.0.x opens with :func:`intake.open_catalog`:
+
+- ``nasar``: the cube, opened lazily by intake-xarray's ``zarr`` driver with
+  dask chunks of one Zarr shard along ``sample``. The entry names two drivers,
+  ``nasar_zarr.catalog.NasarZarrSource`` then ``zarr``; intake uses the first
+  one it can import. :class:`NasarZarrSource` *is* intake-xarray's
+  ``ZarrSource`` with one fix: in intake-xarray 2.0.0 calling a source returns
+  it unchanged, so ``cat["nasar"](url=...)`` would silently ignore ``url``;
+  here the call goes back to the catalog entry, as intake's own sources do.
+  Without nasar_zarr installed the plain ``zarr`` driver still opens the
+  default store.
+- ``nasar_metadata``: the metadata table as a pandas DataFrame, through
+  :class:`NasarMetadataSource`. No parquet driver ships with intake 2.0.x
+  (intake-parquet is not installed), and the cube holds the table exactly, so
+  by default it is rebuilt from the cube's coordinates
+  (:func:`nasar_zarr.metadata_table`); with ``metadata_url`` it reads that
+  parquet file instead (e.g. the source corpus' ``metadata.parquet``), sorted
+  into release order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from intake.source.base import DataSource, Schema
+from intake_xarray.xzarr import ZarrSource
+
+from . import schema
+from .errors import StoreError
+
+DEFAULT_SHARD = 512  # ConvertOptions.shard: the project's default Zarr shard size
+URL_ENV = "NASAR_ZARR_URL"
+
+
+class NasarZarrSource(ZarrSource):
+    """intake-xarray's ``zarr`` source whose call applies user parameters.
+
+    ``cat["nasar"](url=...)`` re-creates the source from its catalog entry with
+    the new parameters (intake-xarray 2.0.0's adapter returns itself unchanged).
+    """
+
+    name = "nasar_zarr"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ZarrSource:
+        entry = getattr(self, "_entry", None)
+        if entry is None or not (args or kwargs):
+            return self
+        if args:
+            raise TypeError("catalog sources take keyword parameters only, e.g. url=...")
+        return entry(**kwargs)
+
+    get = __call__
+
+
+class NasarMetadataSource(DataSource):
+    """The cube's metadata table (one row per sample, release order) as a DataFrame.
+
+    Parameters
+    ----------
+    url
+        The cube (local path or fsspec URL).
+    metadata_url
+        Optional ``metadata.parquet`` to read instead of rebuilding the table
+        from the cube's coordinates; empty or None for the cube.
+    storage_options
+        fsspec options for both.
+    metadata
+        Intake entry metadata.
+    """
+
+    name = "nasar_metadata"
+    container = "dataframe"
+    version = "0.1.0"
+    partition_access = False
+
+    def __init__(self, url: str, metadata_url: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> None:
+        self._captured_init_kwargs = {"url": url, "metadata_url": metadata_url,
+                                      "storage_options": storage_options}
+        self._captured_init_args = ()
+        super().__init__(storage_options=dict(storage_options or {}), metadata=metadata)
+        self.url = url
+        self.metadata_url = metadata_url or None
+        self._table: pd.DataFrame | None = None
+
+    def _read_table(self) -> pd.DataFrame:
+        if self._table is None:
+            if self.metadata_url:
+                table = pd.read_parquet(self.metadata_url,
+                                        storage_options=self.storage_options or None)
+                order = [schema.SHARD_INDEX_COLUMN, schema.INDEX_IN_SHARD_COLUMN]
+                table = table.sort_values(order, kind="stable").reset_index(drop=True)
+            else:
+                from .cube import metadata_table, open_cube
+
+                ds = open_cube(self.url, storage_options=self.storage_options)
+                table = metadata_table(ds)
+            self._table = table
+        return self._table
+
+    def _get_schema(self) -> Schema:
+        table = self._read_table()
+        return Schema(dtype={c: str(t) for c, t in table.dtypes.items()},
+                      shape=table.shape, npartitions=1, extra_metadata={})
+
+    def _get_partition(self, i: int) -> pd.DataFrame:
+        return self._read_table()
+
+    def read(self) -> pd.DataFrame:
+        """The whole table as a pandas DataFrame."""
+        return self._read_table().copy()
+
+    def to_dask(self):
+        """The table as a one-partition dask DataFrame."""
+        import dask.dataframe as dd
+
+        return dd.from_pandas(self._read_table(), npartitions=1)
+
+    def _close(self) -> None:
+        self._table = None
+
+
+def store_shard_size(store_url: str, *, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Samples per Zarr shard of a cube, from its ``nasar_zarr`` layout attributes.
+
+    Parameters
+    ----------
+    store_url
+        The cube (local path or fsspec URL).
+    storage_options
+        fsspec options.
+
+    Returns
+    -------
+    int
+        The recorded shard size, else the ``sample`` chunk of the ``rtc`` array.
+    """
+    from .cube import ATTRS_KEY
+    from .store import open_group
+
+    try:
+        group = open_group(store_url, storage_options)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise StoreError(
+            f"{store_url}: cannot open a Zarr v3 cube there ({exc}); pass the path or URL of a"
+            " store written by `nasar-zarr convert`"
+        ) from exc
+    layout = dict(group.attrs).get(ATTRS_KEY, {}).get("layout", {})
+    if layout.get("shard"):
+        return int(layout["shard"])
+    if "rtc" in group:
+        arr = group["rtc"]
+        return int((arr.shards or arr.chunks)[0])
+    raise StoreError(f"{store_url}: no {ATTRS_KEY!r} layout attributes and no 'rtc' array;"
+                     " is this a nasar-zarr cube?")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def catalog_spec(store_url: str, *, shard: int, metadata_url: str | None = None,
+                 description: str | None = None) -> dict[str, Any]:
+    """The catalog as a dict (what :func:`write_catalog` dumps to YAML)."""
+    url_param = {
+        "description": "Zarr v3 cube: local path or fsspec URL (s3://..., memory://...)",
+        "type": "str",
+        "default": store_url,
+    }
+    return {
+        "metadata": {
+            "version": 1,
+            "description": description or f"NA-SAR Zarr cube at {store_url}",
+        },
+        "sources": {
+            "nasar": {
+                "description": "The NA-SAR cube, lazy, dask chunks of one Zarr shard"
+                               f" ({shard} samples) along sample.",
+                "driver": ["nasar_zarr.catalog.NasarZarrSource", "zarr"],
+                "parameters": {"url": url_param},
+                "args": {
+                    "urlpath": "{{ url }}",
+                    "chunks": {schema.SAMPLE_DIM: int(shard)},
+                    "consolidated": True,
+                },
+            },
+            "nasar_metadata": {
+                "description": "The metadata table (one row per sample, release order),"
+                               " rebuilt from the cube or read from metadata_url.",
+                "driver": "nasar_zarr.catalog.NasarMetadataSource",
+                "parameters": {
+                    "url": url_param,
+                    "metadata_url": {
+                        "description": "metadata.parquet to read instead of the cube's"
+                                       " coordinates (empty: use the cube)",
+                        "type": "str",
+                        "default": metadata_url or "",
+                    },
+                },
+                "args": {"url": "{{ url }}", "metadata_url": "{{ metadata_url }}"},
+            },
+        },
+    }
+
+
+def write_catalog(
+    store_url: str,
+    path: str | os.PathLike[str],
+    *,
+    metadata_url: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an intake catalog pointing at a cube, with dask chunks of its shard size.
+
+    Parameters
+    ----------
+    store_url
+        The cube: local path (written as an absolute path) or fsspec URL.
+    path
+        The YAML file to write (parent directories are created).
+    metadata_url
+        Default ``metadata_url`` of the ``nasar_metadata`` entry (a parquet
+        file); None rebuilds the table from the cube.
+    storage_options
+        fsspec options used to read the cube's shard size (not written to the
+        catalog: pass them when opening, ``cat["nasar"](storage_options=...)``).
+
+    Returns
+    -------
+    pathlib.Path
+        The catalog file. ``intake.open_catalog(path)["nasar"].to_dask()``
+        opens the cube; ``["nasar"](url=...)`` opens another one.
+    """
+    shard = store_shard_size(store_url, storage_options=storage_options)
+    if not _is_url(store_url):
+        local = store_url.split("://", 1)[1] if store_url.startswith("file://") else store_url
+        store_url = str(Path(local).resolve())
+    spec = catalog_spec(store_url, shard=shard, metadata_url=metadata_url)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# Written by nasar_zarr.write_catalog; open with intake.open_catalog().\n"
+                   + yaml.safe_dump(spec, sort_keys=False))
+    return out

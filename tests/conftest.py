@@ -1,0 +1,76 @@
+"""Shared fixtures: synthetic corpora, a converted cube, a real dask cluster, a real S3 server."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nasar_zarr import plan_conversion
+from nasar_zarr.testing import write_corpus
+
+
+def decode_with_card(corpus_root: Path) -> dict[str, dict[str, np.ndarray]]:
+    """An independent reader that follows only the dataset card: tarfile + numpy."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for tar_path in sorted((Path(corpus_root) / "data").glob("nasar-train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if not member.name.endswith(".npz"):
+                    continue
+                key = member.name.split(".", 1)[0]
+                with np.load(io.BytesIO(tar.extractfile(member).read()),
+                             allow_pickle=False) as npz:
+                    out[key] = {name: npz[name] for name in npz.files}
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """3 uneven tar shards (11, 7, 14 samples), mixed npz compression, extra members,
+    shuffled metadata rows: what anyone following only the card might write."""
+    root = tmp_path_factory.mktemp("corpus")
+    info = write_corpus(root, n_shards=3, samples_per_shard=[11, 7, 14], seed=7,
+                        compressed="mixed", extra_members=True, shuffle_metadata=True)
+    return info
+
+
+@pytest.fixture(scope="session")
+def small_cube(small_corpus, tmp_path_factory):
+    """``small_corpus`` converted in-process with shards of 8 samples (boundaries inside tars)."""
+    dest = tmp_path_factory.mktemp("cube") / "nasar.zarr"
+    plan = plan_conversion(str(small_corpus.root), str(dest), shard=8, inner_chunk=2)
+    plan.execute(workers=0)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real 2-worker LocalCluster with processes."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on loopback; yields its storage_options."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    yield options
+    server.stop()
