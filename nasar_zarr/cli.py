@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 from .errors import NasarZarrError
 
@@ -51,9 +52,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-json", metavar="FILE", help="also write the plan as JSON")
     _add_storage(p)
 
+    p = sub.add_parser("append", help="add the samples of new tar shards at the end of a cube")
+    p.add_argument("src", help="the grown release: the cube's samples first, then new shards")
+    p.add_argument("dest")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, default=None)
+    group.add_argument("--scheduler", default=None)
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    _add_storage(p)
+
+    p = sub.add_parser("verify", help="check a cube against its source, or its checksums")
+    p.add_argument("src_or_dest", help="SRC DEST to compare with the source; DEST alone to"
+                   " check the recorded checksums")
+    p.add_argument("dest", nargs="?")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, default=None)
+    group.add_argument("--scheduler", default=None)
+    _add_storage(p)
+
     p = sub.add_parser("info", help="describe a cube: layout, sizes, status, provenance")
     p.add_argument("dest")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_storage(p)
+
+    p = sub.add_parser("catalog", help="write an intake catalog for a cube (chunks = its shard)")
+    p.add_argument("dest", help="the cube: local path or fsspec URL")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="catalog YAML to write")
+    p.add_argument("--metadata-url", default=None,
+                   help="metadata.parquet for the nasar_metadata entry (default: the cube)")
     _add_storage(p)
     return parser
 
@@ -100,23 +126,61 @@ def _convert(args) -> int:
     print(plan)
     if args.dry_run:
         return 0
-    client = None
-    if args.scheduler:
-        from distributed import Client
-
-        client = Client(args.scheduler)
-    try:
+    with _client(args) as client:
         ds = plan.execute(client=client, workers=args.workers, progress=True,
                           overwrite=args.overwrite)
-    finally:
-        if client is not None:
-            client.close()
+    _summary(ds, args.dest, args.storage_options)
+    return 0
+
+
+@contextmanager
+def _client(args):
+    if not args.scheduler:
+        yield None
+        return
+    from distributed import Client
+
+    with Client(args.scheduler) as client:
+        yield client
+
+
+def _summary(ds, dest: str, storage_options) -> None:
+    from . import store
+    from .execute import REJECTIONS_FILE
     from .info import status_counts
 
     counts = status_counts(ds)
     print(f"done: {counts['written']:,} written, {counts['rejected']:,} rejected,"
-          f" {counts['pending']:,} pending -> {args.dest}")
+          f" {counts['pending']:,} pending -> {dest}")
+    report = store.read_json(dest, REJECTIONS_FILE, storage_options, default={})
+    for item in report.get("rejected", [])[:20]:
+        print(f"  rejected {item['shard']}: {item['key']!r}: {item['reason']}")
+    for item in report.get("nonfinite", [])[:20]:
+        print(f"  non-finite values kept as they are in {item['shard']}: {item['key']!r}:"
+              f" {item['nonfinite_values']}")
+    if report.get("rejected") or report.get("nonfinite"):
+        print(f"report: {dest.rstrip('/')}/{REJECTIONS_FILE}")
+
+
+def _append(args) -> int:
+    from .execute import append
+
+    with _client(args) as client:
+        ds = append(args.src, args.dest, client=client, workers=args.workers, progress=True,
+                    on_error=args.on_error, storage_options=args.storage_options)
+    _summary(ds, args.dest, args.storage_options)
     return 0
+
+
+def _verify(args) -> int:
+    from .verify import verify
+
+    src, dest = (args.src_or_dest, args.dest) if args.dest else (None, args.src_or_dest)
+    with _client(args) as client:
+        report = verify(dest, src=src, client=client, workers=args.workers, progress=True,
+                        storage_options=args.storage_options)
+    print(report)
+    return 0 if report.ok else 1
 
 
 def _info(args) -> int:
@@ -132,4 +196,14 @@ def _info(args) -> int:
     return 0
 
 
-_COMMANDS = {"synth": _synth, "convert": _convert, "info": _info}
+def _catalog(args) -> int:
+    from .catalog import write_catalog
+
+    path = write_catalog(args.dest, args.output, metadata_url=args.metadata_url,
+                         storage_options=args.storage_options)
+    print(f"wrote {path}: intake.open_catalog({str(path)!r})['nasar'].to_dask()")
+    return 0
+
+
+_COMMANDS = {"synth": _synth, "convert": _convert, "info": _info, "catalog": _catalog,
+             "append": _append, "verify": _verify}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import socket
 import uuid
 import warnings
@@ -36,8 +37,29 @@ from .plan import ConversionPlan, ConvertOptions, ShardTask, read_metadata
 
 TASKS_DIR = f"{store.INTERNAL_PREFIX}/tasks"
 LOCK_FILE = f"{store.INTERNAL_PREFIX}/lock.json"
+SKELETON_FILE = f"{store.INTERNAL_PREFIX}/skeleton.json"
 REJECTIONS_FILE = f"{store.INTERNAL_PREFIX}/rejections.json"
 ATTRS_KEY = "nasar_zarr"
+FAULT_ENV = "NASAR_ZARR_FAULT"  # testing hook: "point" or "point:N" -> SIGKILL there
+
+
+def _fault_point(name: str) -> None:
+    """Kill this process with SIGKILL at a named point (crash tests set NASAR_ZARR_FAULT).
+
+    ``NASAR_ZARR_FAULT=after-record:2`` dies the 2nd time ``after-record`` is reached.
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, count = wanted.partition(":")
+    if point != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_HITS: dict[str, int] = {}
 
 
 # ---------------------------------------------------------------------------- layout
@@ -176,7 +198,9 @@ def _stale(held: Mapping[str, Any]) -> bool:
 def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> set[int]:
     """Create the store, or check that the existing one matches; returns finished tasks."""
     dest, so = plan.dest, plan.storage_options
-    existing = _existing_attrs(dest, so)
+    # A skeleton without its marker was interrupted while being written: redo it.
+    complete = store.read_json(dest, SKELETON_FILE, so) is not None
+    existing = _existing_attrs(dest, so) if complete else None
     if existing is not None and not overwrite:
         recorded = existing.get(ATTRS_KEY, {})
         if recorded.get("layout") != plan.options.layout() or \
@@ -188,20 +212,37 @@ def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> 
                 " pass --overwrite to replace it, or convert into a new destination"
             )
         return {int(p.rsplit("/", 1)[1][:-5]) for p in store.list_json(dest, TASKS_DIR, so)}
-    if existing is not None or _has_content(dest, so):
-        fs, root = store.filesystem(dest, so)
-        for child in fs.ls(root, detail=False):
-            if child.rstrip("/").rsplit("/", 1)[-1] != store.INTERNAL_PREFIX:
-                fs.rm(child, recursive=True)
-        fs_tasks = f"{root}/{TASKS_DIR}"
-        if fs.exists(fs_tasks):
-            fs.rm(fs_tasks, recursive=True)
+    if _has_content(dest, so):
+        if existing is None and not complete and _existing_attrs(dest, so) is None and \
+                not _only_internal(dest, so):
+            raise StoreExistsError(
+                f"{dest} exists and is not a nasar-zarr cube; refusing to write into it"
+                " (choose an empty or new destination)"
+            )
+        _clear(dest, so)
     ds, encoding = skeleton(plan, table)
+    _fault_point("skeleton")
+    # mode "a" on the cleared store: mode "w" would also delete the lock this run holds.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.to_zarr(store.zarr_store(dest, so), mode="w", compute=False, zarr_format=3,
+        ds.to_zarr(store.zarr_store(dest, so), mode="a", compute=False, zarr_format=3,
                    encoding=encoding, consolidated=False)
+    store.write_json(dest, SKELETON_FILE, {"created": ds.attrs[ATTRS_KEY]["created"]}, so)
     return set()
+
+
+def _clear(dest: str, so) -> None:
+    """Remove everything in the store but the lock (which this run holds)."""
+    fs, root = store.filesystem(dest, so)
+    lock = f"{root}/{LOCK_FILE}"
+    for path in fs.find(root):
+        if path != lock:
+            fs.rm_file(path)
+
+
+def _only_internal(dest: str, so) -> bool:
+    fs, root = store.filesystem(dest, so)
+    return all(p[len(root) + 1 :].startswith(store.INTERNAL_PREFIX) for p in fs.find(root))
 
 
 def _planned(plan: ConversionPlan) -> dict:
@@ -276,8 +317,10 @@ def run_task(
     checksums: dict[str, int] = {}
     for name in [spec.name for spec in schema.DATA_VARIABLES]:
         group[name][region] = batch.pop(name)  # pop: free each buffer once written
+        _fault_point(f"after-{name}")
     group[schema.RTC_PRESENT][region] = present
     group[schema.STATUS][region] = status
+    _fault_point("after-status")
     fs, root = store.filesystem(dest, storage_options)
     for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]:
         key = chunk_object(group[name], task.index)
@@ -289,6 +332,7 @@ def run_task(
         "rejections": rejections, "nonfinite": nonfinite, "crc32": checksums,
     }
     store.write_json(dest, task_record_path(task.index), record, storage_options)
+    _fault_point("after-record")
     return record
 
 
@@ -348,9 +392,11 @@ def execute(
                 rejected_rows.setdefault(r.row // plan.options.shard, []).append(r.row)
         kwargs = {"src": plan.source, "dest": plan.dest, "options": plan.options,
                   "storage_options": so}
-        calls = [(t, rejected_rows.get(t.index, [])) for t in todo]
-        for _ in _run(calls, kwargs, client=client, workers=workers, progress=progress,
-                      total=len(plan.tasks), initial=len(plan.tasks) - len(todo)):
+        calls = [((t,), {**kwargs, "rejected_rows": rejected_rows.get(t.index, [])})
+                 for t in todo]
+        for _ in run_calls(run_task, calls, client=client, workers=workers,
+                           progress=progress, total=len(plan.tasks),
+                           initial=len(plan.tasks) - len(todo), desc="convert"):
             pass
         finalize(plan)
     from .cube import open_cube
@@ -369,18 +415,26 @@ def finalize(plan: ConversionPlan) -> None:
     nonfinite = [nf for rec in records for nf in rec["nonfinite"]]
     store.write_json(plan.dest, REJECTIONS_FILE,
                      {"rejected": report, "nonfinite": nonfinite}, so)
+    _fault_point("before-consolidate")
     store.consolidate(plan.dest, so)
 
 
-def _run(calls, kwargs, *, client, workers, progress, total, initial):
+def run_calls(fn, calls, *, client=None, workers=None, progress=False, total=None,
+              initial=0, desc=""):
+    """Run ``fn(*args, **kwargs)`` for each call, yielding results as they finish.
+
+    On ``client``; else on a LocalCluster of ``workers`` processes (default one
+    per core) started here; ``workers=0`` runs them one by one in this process.
+    The first failure cancels what is still queued and is raised.
+    """
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=initial, unit="shard", disable=not progress,
-               desc="convert")
+    bar = tqdm(total=len(calls) + initial if total is None else total, initial=initial,
+               unit="shard", disable=not progress, desc=desc)
     try:
         if client is None and workers == 0:
-            for task, rows in calls:
-                yield run_task(task, rejected_rows=rows, **kwargs)
+            for args, kwargs in calls:
+                yield fn(*args, **kwargs)
                 bar.update()
             return
         from distributed import Client, LocalCluster, as_completed
@@ -392,11 +446,9 @@ def _run(calls, kwargs, *, client, workers, progress, total, initial):
                                  dashboard_address=":0", memory_limit=0)
             client = Client(owned)
         try:
-            futures = [
-                client.submit(run_task, task, rejected_rows=rows, **kwargs, pure=False,
-                              key=f"nasar-shard-{task.index}-{uuid.uuid4().hex[:8]}")
-                for task, rows in calls
-            ]
+            futures = [client.submit(fn, *args, **kwargs, pure=False,
+                                     key=f"nasar-{desc}-{i}-{uuid.uuid4().hex[:8]}")
+                       for i, (args, kwargs) in enumerate(calls)]
             try:
                 for future in as_completed(futures):
                     yield future.result()
@@ -410,3 +462,106 @@ def _run(calls, kwargs, *, client, workers, progress, total, initial):
                 owned.close()
     finally:
         bar.close()
+
+
+# ---------------------------------------------------------------------------- append
+
+APPEND_FILE = f"{store.INTERNAL_PREFIX}/append.json"
+
+
+def append(
+    src: str,
+    dest: str,
+    *,
+    client=None,
+    workers: int | None = None,
+    progress: bool = False,
+    on_error: str = "raise",
+    storage_options: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Add the samples of new tar shards of ``src`` at the end of the cube at ``dest``.
+
+    ``src`` is the grown release (its metadata lists the cube's samples first, in
+    the same release order, then the new ones). Existing Zarr shards are not
+    touched, except a partial last shard, which its single task rewrites whole
+    (from the same source bytes). Interrupted appends resume when run again.
+    """
+    from .plan import plan_conversion
+
+    so = dict(storage_options or {})
+    if store.read_json(dest, SKELETON_FILE, so) is None:
+        raise StoreExistsError(f"{dest}: no complete nasar-zarr cube to append to;"
+                               " run `nasar-zarr convert` first")
+    recorded = _existing_attrs(dest, so)[ATTRS_KEY]
+    layout = recorded["layout"]
+    plan = plan_conversion(src, dest, on_error=on_error, storage_options=so, **layout)
+    n_old, n_new = int(recorded["n_samples"]), plan.n_samples
+    intent = store.read_json(dest, APPEND_FILE, so)
+    resuming = intent is not None and intent.get("to") == n_new
+    if not resuming and n_new != n_old:
+        group = store.open_group(dest, so, use_consolidated=False)
+        old_keys = group[schema.SAMPLE_DIM][:].tolist()
+        if list(plan.sample_keys[:n_old]) != old_keys or n_new < n_old:
+            raise StoreExistsError(
+                f"{dest}: the cube's {n_old:,} samples are not the first samples of {src} in"
+                " release order; append only adds shards after the cube's last one"
+            )
+        table = read_metadata(src, so)
+        if meta.schema_from_text(recorded["metadata_schema"]).remove_metadata() != \
+                table.schema.remove_metadata():
+            raise MetadataError(f"{src}: metadata.parquet columns or types differ from the"
+                                " cube's; append needs the same table layout")
+        from .cube import metadata_table, open_cube
+
+        if not metadata_table(open_cube(dest, storage_options=so)).equals(
+                table.slice(0, n_old).to_pandas()):
+            raise StoreExistsError(
+                f"{dest}: the metadata of the cube's {n_old:,} samples differs from the first"
+                f" {n_old:,} rows of {src}; append only adds shards after the cube's last one"
+            )
+    if n_new != n_old or resuming:
+        table = read_metadata(src, so)
+        with store_lock(dest, so):
+            store.write_json(dest, APPEND_FILE, {"from": intent["from"] if resuming else n_old,
+                                                 "to": n_new, "source": src}, so)
+            _extend_store(plan, table, n_old=intent["from"] if resuming else n_old)
+    result = execute(plan, client=client, workers=workers, progress=progress)
+    fs, root = store.filesystem(dest, so)
+    if fs.exists(f"{root}/{APPEND_FILE}"):
+        fs.rm_file(f"{root}/{APPEND_FILE}")
+    return result
+
+
+def _extend_store(plan: ConversionPlan, table: pa.Table, *, n_old: int) -> None:
+    """Resize every ``sample`` array, rewrite the 1-D coordinates, update provenance."""
+    dest, so, n = plan.dest, plan.storage_options, plan.n_samples
+    group = store.open_group(dest, so, mode="r+", use_consolidated=False)
+    for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]:
+        array = group[name]
+        array.resize((n, *array.shape[1:]))
+    _fault_point("after-resize")
+    ds, encoding = skeleton(plan, table)
+    coords = [c for c in ds.coords if c not in schema.LABELS]
+    for name in coords:
+        if name in group:
+            del group[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds[coords].drop_vars(list(schema.LABELS), errors="ignore").to_zarr(
+            store.zarr_store(dest, so), mode="a", zarr_format=3, consolidated=False,
+            encoding={c: encoding[c] for c in coords})
+    # The partial last shard gets new samples: its single task rewrites it whole.
+    shard = plan.options.shard
+    if n_old % shard:
+        fs, root = store.filesystem(dest, so)
+        record = f"{root}/{task_record_path(n_old // shard)}"
+        if fs.exists(record):
+            fs.rm_file(record)
+    attrs = dict(group.attrs)
+    new = ds.attrs[ATTRS_KEY]
+    attrs[ATTRS_KEY] = {**attrs[ATTRS_KEY], "n_samples": n, "source": plan.source,
+                        "tar_shards": new["tar_shards"],
+                        "webdataset_summary": new["webdataset_summary"]}
+    attrs["history"] = f"{attrs.get('history', '')}\n{ds.attrs['history']} (append {n_old:,}" \
+                       f" -> {n:,} samples)".strip()
+    group.attrs.put(attrs)

@@ -1,0 +1,179 @@
+"""Check a cube: against its source bit for bit, or against its own recorded checksums.
+
+``verify(dest)`` recomputes the CRC-32 of every stored Zarr shard object and
+compares it with the task records written at conversion time, so damage to a
+stored object is found without the source. ``verify(dest, src=...)`` also
+re-reads the source and compares every sample, its status and the metadata
+coordinates. Work runs one task per Zarr shard, in parallel, like conversion.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import schema, source, store
+from .cube import ATTRS_KEY, metadata_table, open_cube
+from .errors import SourceError
+from .execute import chunk_object, run_calls, task_record_path
+from .plan import ShardTask, plan_conversion, read_metadata
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One finding: ``key`` is a sample key, a store object, or a metadata column."""
+
+    key: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.what}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    dest: str
+    checked_shards: int
+    checked_samples: int
+    mismatches: tuple[Mismatch, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def __str__(self) -> str:
+        head = (f"{self.dest}: {self.checked_shards} shards, {self.checked_samples:,} samples"
+                " checked: ")
+        if self.ok:
+            return head + "OK"
+        lines = [head + f"{len(self.mismatches)} mismatches"]
+        lines += [f"  {m}" for m in self.mismatches[:50]]
+        if len(self.mismatches) > 50:
+            lines.append(f"  ... and {len(self.mismatches) - 50} more")
+        return "\n".join(lines)
+
+
+def verify(
+    dest: str,
+    *,
+    src: str | None = None,
+    client=None,
+    workers: int | None = None,
+    progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> VerifyReport:
+    """Verify the cube at ``dest`` (see the module docstring); never raises on a mismatch."""
+    so = dict(storage_options or {})
+    group = store.open_group(dest, so, use_consolidated=False)
+    recorded = dict(group.attrs)[ATTRS_KEY]
+    shard = int(recorded["layout"]["shard"])
+    n = int(recorded["n_samples"])
+    n_shards = -(-n // shard)
+    mismatches: list[Mismatch] = []
+    calls = [((index,), {"dest": dest, "storage_options": so}) for index in range(n_shards)]
+    if src is not None:
+        plan = plan_conversion(src, dest, on_error="skip", storage_options=so,
+                               **recorded["layout"])
+        if plan.sample_keys != tuple(group[schema.SAMPLE_DIM][:].tolist()):
+            mismatches.append(Mismatch("sample", "sample keys differ from the source's"))
+            return VerifyReport(dest, 0, 0, tuple(mismatches))
+        rejected = {r.row for r in plan.rejected if r.row is not None}
+        calls = [((t,), {"dest": dest, "src": src, "storage_options": so,
+                         "rejected_rows": sorted(rejected & set(range(t.start, t.stop)))})
+                 for t in plan.tasks]
+        fn = _compare_task
+        mismatches += _compare_metadata(dest, src, so)
+    else:
+        fn = _check_shard
+    for found in run_calls(fn, calls, client=client, workers=workers, progress=progress,
+                           desc="verify"):
+        mismatches += [Mismatch(*m) for m in found]
+    return VerifyReport(dest, n_shards, n, tuple(mismatches))
+
+
+def _check_shard(index: int, *, dest: str, storage_options=None) -> list[tuple[str, str]]:
+    record = store.read_json(dest, task_record_path(index), storage_options)
+    if record is None:
+        return [(f"shard {index}", "not written (no task record): the conversion did not"
+                 " finish; run convert again")]
+    fs, root = store.filesystem(dest, storage_options)
+    found = []
+    for key, crc in record["crc32"].items():
+        try:
+            data = fs.cat_file(f"{root}/{key}")
+        except FileNotFoundError:
+            found.append((key, "stored object is missing"))
+            continue
+        if zlib.crc32(data) != crc:
+            found.append((key, f"stored object is damaged (CRC-32 {zlib.crc32(data):08x},"
+                               f" recorded {crc:08x})"))
+    return found
+
+
+def _compare_task(task: ShardTask, *, dest: str, src: str, rejected_rows=(),
+                  storage_options=None) -> list[tuple[str, str]]:
+    """Compare one Zarr shard's samples with the source, bit for bit."""
+    found = _check_shard(task.index, dest=dest, storage_options=storage_options)
+    group = store.open_group(dest, storage_options, use_consolidated=False)
+    region = slice(task.start, task.stop)
+    stored: dict[str, np.ndarray] = {}
+    for name in schema.VARIABLES:
+        try:
+            stored[name] = group[name][region]
+        except Exception as exc:  # a damaged object fails in the codec, whatever it is
+            found.append((chunk_object(group[name], task.index),
+                          f"stored shard cannot be decoded ({type(exc).__name__}: {exc})"))
+            stored[name] = np.full((task.n_samples, *schema.VARIABLES[name].sample_shape),
+                                   np.nan, dtype=schema.VARIABLES[name].dtype)
+    status = group[schema.STATUS][region]
+    present = group[schema.RTC_PRESENT][region]
+    keys = group[schema.SAMPLE_DIM][region].tolist()
+    expected_status = np.zeros(task.n_samples, dtype="uint8")
+    for row in rejected_rows:
+        expected_status[row - task.start] = schema.STATUS_REJECTED
+    for span in task.spans:
+        url = source.join(src, span.shard_path)
+        for row, (key, arrays) in zip(span.rows, source.read_samples(
+                url, span.entries, shard=span.shard_path, storage_options=storage_options),
+                strict=True):
+            i = row - task.start
+            if isinstance(arrays, SourceError):
+                expected_status[i] = schema.STATUS_REJECTED
+                continue
+            expected_status[i] = schema.STATUS_WRITTEN
+            back = schema.cube_to_source({name: values[i] for name, values in stored.items()})
+            for name in schema.SOURCE_KEYS:
+                if back[name].tobytes() != arrays[name].tobytes():
+                    found.append((key, f"{name} differs from the source"))
+            if not np.array_equal(present[i], schema.rtc_present(stored["rtc"][i])):
+                found.append((key, "rtc_present does not match the data"))
+    for i, key in enumerate(keys):
+        if status[i] != expected_status[i]:
+            found.append((key, f"status is {status[i]}, expected {expected_status[i]}"))
+        if expected_status[i] != schema.STATUS_WRITTEN:
+            for name, values in stored.items():
+                if not np.isnan(values[i]).all():
+                    found.append((key, f"{name} holds data but the sample was not written"))
+    return found
+
+
+def _compare_metadata(dest: str, src: str, so) -> list[Mismatch]:
+    ds = open_cube(dest, storage_options=so)
+    stored = metadata_table(ds)
+    original = read_metadata(src, so).to_pandas()
+    found = []
+    for column in original.columns:
+        if column not in stored.columns:
+            found.append(Mismatch(column, "metadata column missing from the cube"))
+            continue
+        try:
+            pd.testing.assert_series_equal(stored[column], original[column],
+                                           check_names=False)
+        except AssertionError:
+            found.append(Mismatch(column, "metadata coordinate differs from metadata.parquet"))
+    return found
