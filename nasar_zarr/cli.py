@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="local worker processes (default: one per core; 0: in-process)")
     group.add_argument("--scheduler", default=None, help="address of a running dask scheduler")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--max-member-mb", type=float, default=None,
+                   help="size cap of one tar/npz member (default 64), against decompression bombs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store made with other options")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
@@ -110,7 +112,9 @@ def _convert(args) -> int:
     from .plan import plan_conversion
 
     options = {k: v for k, v in {"inner_chunk": args.inner_chunk, "shard": args.shard,
-                                 "codec": args.codec, "clevel": args.clevel}.items()
+                                 "codec": args.codec, "clevel": args.clevel,
+                                 "max_member_bytes": None if args.max_member_mb is None
+                                 else int(args.max_member_mb * 2**20)}.items()
                if v is not None}
     try:
         plan = plan_conversion(args.src, args.dest, on_error=args.on_error,

@@ -324,7 +324,10 @@ def run_task(
     fs, root = store.filesystem(dest, storage_options)
     for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]:
         key = chunk_object(group[name], task.index)
-        checksums[key] = zlib.crc32(fs.cat_file(f"{root}/{key}"))
+        try:
+            checksums[key] = zlib.crc32(fs.cat_file(f"{root}/{key}"))
+        except FileNotFoundError:
+            checksums[key] = None  # all fill value: Zarr writes no object
     record = {
         "index": task.index, "start": task.start, "stop": task.stop,
         "written": int((status == schema.STATUS_WRITTEN).sum()),
@@ -430,7 +433,7 @@ def run_calls(fn, calls, *, client=None, workers=None, progress=False, total=Non
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(calls) + initial if total is None else total, initial=initial,
-               unit="shard", disable=not progress, desc=desc)
+               unit="shard", disable=None if progress else True, desc=desc)
     try:
         if client is None and workers == 0:
             for args, kwargs in calls:

@@ -107,7 +107,11 @@ def _check_shard(index: int, *, dest: str, storage_options=None) -> list[tuple[s
         try:
             data = fs.cat_file(f"{root}/{key}")
         except FileNotFoundError:
-            found.append((key, "stored object is missing"))
+            if crc is not None:
+                found.append((key, "stored object is missing"))
+            continue
+        if crc is None:
+            found.append((key, "an object exists where only fill values were written"))
             continue
         if zlib.crc32(data) != crc:
             found.append((key, f"stored object is damaged (CRC-32 {zlib.crc32(data):08x},"
