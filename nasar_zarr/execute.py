@@ -284,7 +284,7 @@ def run_task(
 ) -> dict[str, Any]:
     """Read a task's samples, write its Zarr shard of every variable once, record it."""
     n = task.n_samples
-    batch = schema.empty_batch(n)
+    batch = schema.empty_batch(n, fill=None)
     status = np.zeros(n, dtype="uint8")
     rejections: list[dict] = []
     nonfinite: list[dict] = []
@@ -309,8 +309,10 @@ def run_task(
                 nonfinite.append({"shard": span.shard_path, "key": key, "row": row,
                                   "nonfinite_values": counts})
             status[row - task.start] = schema.STATUS_WRITTEN
-    present = schema.rtc_present(batch["rtc"]) & (status == schema.STATUS_WRITTEN)[
-        :, None, None, None]
+    unwritten = status != schema.STATUS_WRITTEN
+    for values in batch.values():
+        values[unwritten] = np.nan  # NaN = the fill value: unwritten rows store nothing
+    present = schema.rtc_present(batch["rtc"]) & ~unwritten[:, None, None, None]
 
     group = store.open_group(dest, storage_options, mode="r+", use_consolidated=False)
     region = slice(task.start, task.stop)

@@ -230,8 +230,11 @@ def fill_batch(
             slot[...] = arrays[p.source_key].reshape(slot.shape)
 
 
-def empty_batch(n: int, *, fill: float = np.nan) -> dict[str, np.ndarray]:
-    """Per-variable buffers for ``n`` samples, filled with ``fill``."""
+def empty_batch(n: int, *, fill: float | None = np.nan) -> dict[str, np.ndarray]:
+    """Per-variable buffers for ``n`` samples, filled with ``fill`` (``None``: uninitialized)."""
+    if fill is None:  # the caller fills every row; skipping the fill saves a pass over memory
+        return {spec.name: np.empty((n, *spec.sample_shape), dtype=spec.dtype)
+                for spec in DATA_VARIABLES}
     return {
         spec.name: np.full((n, *spec.sample_shape), fill, dtype=spec.dtype)
         for spec in DATA_VARIABLES

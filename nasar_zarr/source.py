@@ -10,6 +10,7 @@ of its payload is looked at.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import posixpath
 import struct
@@ -353,11 +354,8 @@ def decode_npy(data: bytes | memoryview, *, shard: str, key: str, what: str) -> 
             (header_len,), start = struct.unpack("<I", raw[8:12]), 12
         else:
             raise ValueError(f"unknown .npy version {major}")
-        encoding = "utf8" if major == 3 else "latin1"
-        header = ast.literal_eval(bytes(raw[start : start + header_len]).decode(encoding))
-        dtype = np.lib.format.descr_to_dtype(header["descr"])
-        shape = tuple(int(n) for n in header["shape"])
-        fortran = bool(header["fortran_order"])
+        dtype, shape, fortran = _npy_header(bytes(raw[start : start + header_len]),
+                                            "utf8" if major == 3 else "latin1")
     except (ValueError, SyntaxError, KeyError, TypeError, struct.error, IndexError) as exc:
         raise SampleDecodeError(f"corrupt npy header in {what!r}: {exc}", shard=shard,
                                 key=key) from None
@@ -378,6 +376,14 @@ def decode_npy(data: bytes | memoryview, *, shard: str, key: str, what: str) -> 
         )
     array = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=offset)
     return array.reshape(shape, order="F" if fortran else "C")
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(text: bytes, encoding: str) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """Parse an .npy header dict safely (literal_eval); the release repeats a few headers."""
+    header = ast.literal_eval(text.decode(encoding))
+    dtype = np.lib.format.descr_to_dtype(header["descr"])
+    return dtype, tuple(int(n) for n in header["shape"]), bool(header["fortran_order"])
 
 
 def validate_sample(
