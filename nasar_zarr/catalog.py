@@ -24,6 +24,7 @@ intake YAML catalog that intake 2.0.x opens with :func:`intake.open_catalog`:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,16 @@ class NasarZarrSource(ZarrSource):
 
     get = __call__
 
+    def to_dask(self):
+        """The cube as a lazy, dask-backed :class:`xarray.Dataset`."""
+        with warnings.catch_warnings():
+            # The 1-D metadata coordinates are stored as one chunk each, so shard-sized
+            # dask chunks "separate the stored chunks"; harmless for a few small reads.
+            warnings.filterwarnings("ignore", "The specified chunks separate", UserWarning)
+            return super().to_dask()
+
+    read_chunked = to_dask
+
 
 class NasarMetadataSource(DataSource):
     """The cube's metadata table (one row per sample, release order) as a DataFrame.
@@ -84,9 +95,6 @@ class NasarMetadataSource(DataSource):
     def __init__(self, url: str, metadata_url: str | None = None,
                  storage_options: Mapping[str, Any] | None = None,
                  metadata: Mapping[str, Any] | None = None) -> None:
-        self._captured_init_kwargs = {"url": url, "metadata_url": metadata_url,
-                                      "storage_options": storage_options}
-        self._captured_init_args = ()
         super().__init__(storage_options=dict(storage_options or {}), metadata=metadata)
         self.url = url
         self.metadata_url = metadata_url or None
@@ -121,9 +129,12 @@ class NasarMetadataSource(DataSource):
 
     def to_dask(self):
         """The table as a one-partition dask DataFrame."""
+        import dask
         import dask.dataframe as dd
 
-        return dd.from_pandas(self._read_table(), npartitions=1)
+        # Keep the table's own dtypes (dask would turn strings into string[pyarrow]).
+        with dask.config.set({"dataframe.convert-string": False}):
+            return dd.from_pandas(self._read_table(), npartitions=1)
 
     def _close(self) -> None:
         self._table = None
@@ -171,11 +182,10 @@ def _is_url(path: str) -> bool:
 def catalog_spec(store_url: str, *, shard: int, metadata_url: str | None = None,
                  description: str | None = None) -> dict[str, Any]:
     """The catalog as a dict (what :func:`write_catalog` dumps to YAML)."""
-    url_param = {
-        "description": "Zarr v3 cube: local path or fsspec URL (s3://..., memory://...)",
-        "type": "str",
-        "default": store_url,
-    }
+    def url_param() -> dict[str, str]:  # a fresh dict each time: no YAML anchors
+        return {"description": "Zarr v3 cube: local path or fsspec URL (s3://..., memory://...)",
+                "type": "str", "default": store_url}
+
     return {
         "metadata": {
             "version": 1,
@@ -186,7 +196,7 @@ def catalog_spec(store_url: str, *, shard: int, metadata_url: str | None = None,
                 "description": "The NA-SAR cube, lazy, dask chunks of one Zarr shard"
                                f" ({shard} samples) along sample.",
                 "driver": ["nasar_zarr.catalog.NasarZarrSource", "zarr"],
-                "parameters": {"url": url_param},
+                "parameters": {"url": url_param()},
                 "args": {
                     "urlpath": "{{ url }}",
                     "chunks": {schema.SAMPLE_DIM: int(shard)},
@@ -198,7 +208,7 @@ def catalog_spec(store_url: str, *, shard: int, metadata_url: str | None = None,
                                " rebuilt from the cube or read from metadata_url.",
                 "driver": "nasar_zarr.catalog.NasarMetadataSource",
                 "parameters": {
-                    "url": url_param,
+                    "url": url_param(),
                     "metadata_url": {
                         "description": "metadata.parquet to read instead of the cube's"
                                        " coordinates (empty: use the cube)",

@@ -44,7 +44,8 @@ def open_cube(
             return xr.open_zarr(zstore, chunks=chunks, zarr_format=3, **kwargs)
         ds = xr.open_zarr(zstore, chunks=None, zarr_format=3, **kwargs)
     shard = ds.attrs.get(ATTRS_KEY, {}).get("layout", {}).get("shard")
-    size = {schema.SAMPLE_DIM: min(shard or ds.sizes[schema.SAMPLE_DIM], ds.sizes[schema.SAMPLE_DIM]) or 1}
+    n = ds.sizes[schema.SAMPLE_DIM]
+    size = {schema.SAMPLE_DIM: min(shard or n, n) or 1}
     # Data variables get one dask chunk per Zarr shard; 1-D coordinates stay lazy
     # numpy-backed (one object each) so selecting by metadata builds no task graph.
     return ds.assign(
@@ -57,12 +58,8 @@ def metadata_table(ds: xr.Dataset) -> pd.DataFrame:
     schema_text = ds.attrs[ATTRS_KEY]["metadata_schema"]
     arrow_schema = meta.schema_from_text(schema_text)
     columns = {}
-    for name, coord in ds.coords.items():
+    for coord in ds.coords.values():
         column = coord.attrs.get("nasar_column")
-        if column is None:
-            continue
-        values = coord.values
-        if coord.attrs.get(meta.ENCODING_ATTR) == "timestamp":
-            values = values  # datetime64 after CF decoding
-        columns[column] = (values, coord.attrs)
+        if column is not None:
+            columns[column] = (coord.values, coord.attrs)
     return meta.decode_table(columns, arrow_schema)

@@ -136,7 +136,9 @@ def encode_table(table: pa.Table) -> dict[str, tuple[np.ndarray, dict]]:
     return {name: encode_column(name, table.column(name)) for name in table.column_names}
 
 
-def decode_table(columns: Mapping[str, tuple[np.ndarray, Mapping]], schema: pa.Schema) -> pd.DataFrame:
+def decode_table(
+    columns: Mapping[str, tuple[np.ndarray, Mapping]], schema: pa.Schema
+) -> pd.DataFrame:
     """Rebuild the metadata DataFrame (same columns, values and dtypes as read from parquet)."""
     arrays = [decode_column(*columns[f.name], f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema).to_pandas()

@@ -3,9 +3,8 @@
 Every function takes xarray objects whose data may be numpy or dask arrays and
 returns the same kind, building a task graph and reading nothing when the input
 is dask-backed. The formulas are those of the NA-SAR dataset card (the release's
-PyTorch loader, ``NASARWebRTCDataset`` / ``NASARWebInSARDataset``); see
-``/work/shared/spec/NA-SAR-release.md`` ("Preprocessing" and the loader table)
-and ``docs/ANALYSIS.md``:
+PyTorch loader, ``NASARWebRTCDataset`` / ``NASARWebInSARDataset``): its
+"Preprocessing" section and the InSAR loader table; see ``docs/ANALYSIS.md``:
 
 - RTC: ``x = log1p(20.0 * x)``, then ``clip_and_rescale`` with ``p1=0.15, p99=2.39``
   for co-pol and ``p1=0.01, p99=1.09`` for cross-pol; "fully missing

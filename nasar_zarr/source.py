@@ -28,11 +28,11 @@ import numpy as np
 from . import schema
 from .errors import (
     DuplicateSampleError,
-    SourceError,
     MemberTooLargeError,
     SampleDecodeError,
     SampleSchemaError,
     ShardCorruptError,
+    SourceError,
 )
 
 DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20  # a sample is ~1.2 MB; 64 MiB is a generous bomb cap
