@@ -20,7 +20,6 @@ import signal
 import socket
 import uuid
 import warnings
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -284,7 +283,7 @@ def run_task(
 ) -> dict[str, Any]:
     """Read a task's samples, write its Zarr shard of every variable once, record it."""
     n = task.n_samples
-    batch = schema.empty_batch(n, fill=None)
+    batch = _task_buffers(n)
     status = np.zeros(n, dtype="uint8")
     rejections: list[dict] = []
     nonfinite: list[dict] = []
@@ -314,22 +313,20 @@ def run_task(
         values[unwritten] = np.nan  # NaN = the fill value: unwritten rows store nothing
     present = schema.rtc_present(batch["rtc"]) & ~unwritten[:, None, None, None]
 
-    group = store.open_group(dest, storage_options, mode="r+", use_consolidated=False)
+    written: dict[str, int | None] = {}
+    group = store.open_group(dest, storage_options, mode="r+", use_consolidated=False,
+                             wrap=lambda s: store.ChecksumStore(s, written))
     region = slice(task.start, task.stop)
-    checksums: dict[str, int] = {}
-    for name in [spec.name for spec in schema.DATA_VARIABLES]:
-        group[name][region] = batch.pop(name)  # pop: free each buffer once written
+    for name in schema.VARIABLES:
+        group[name][region] = batch[name]
         _fault_point(f"after-{name}")
     group[schema.RTC_PRESENT][region] = present
     group[schema.STATUS][region] = status
     _fault_point("after-status")
-    fs, root = store.filesystem(dest, storage_options)
-    for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]:
-        key = chunk_object(group[name], task.index)
-        try:
-            checksums[key] = zlib.crc32(fs.cat_file(f"{root}/{key}"))
-        except FileNotFoundError:
-            checksums[key] = None  # all fill value: Zarr writes no object
+    # An object Zarr did not write holds only fill values (no object): None.
+    checksums = {key: written.get(key) for key in (
+        chunk_object(group[name], task.index)
+        for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS])}
     record = {
         "index": task.index, "start": task.start, "stop": task.stop,
         "written": int((status == schema.STATUS_WRITTEN).sum()),
@@ -339,6 +336,26 @@ def run_task(
     store.write_json(dest, task_record_path(task.index), record, storage_options)
     _fault_point("after-record")
     return record
+
+
+_BUFFERS: dict[int, dict[str, np.ndarray]] = {}
+
+
+def _task_buffers(n: int) -> dict[str, np.ndarray]:
+    """One shard of per-variable buffers, kept for the next task of this process.
+
+    Reusing them spares the page faults of fresh memory on every task (measured:
+    the copy into new buffers cost ~1.5 ms per sample, more than the decode).
+    """
+    if n not in _BUFFERS:
+        _BUFFERS.clear()
+        _BUFFERS[n] = schema.empty_batch(n, fill=None)
+    return _BUFFERS[n]
+
+
+def release_buffers() -> None:
+    """Free the task buffers this process keeps (after an in-process conversion)."""
+    _BUFFERS.clear()
 
 
 def chunk_object(array, shard_index: int) -> str:
@@ -399,10 +416,15 @@ def execute(
                   "storage_options": so}
         calls = [((t,), {**kwargs, "rejected_rows": rejected_rows.get(t.index, [])})
                  for t in todo]
-        for _ in run_calls(run_task, calls, client=client, workers=workers,
-                           progress=progress, total=len(plan.tasks),
-                           initial=len(plan.tasks) - len(todo), desc="convert"):
-            pass
+        try:
+            for _ in run_calls(run_task, calls, client=client, workers=workers,
+                               progress=progress, total=len(plan.tasks),
+                               initial=len(plan.tasks) - len(todo), desc="convert"):
+                pass
+        finally:
+            if client is not None:
+                client.run(release_buffers)
+            release_buffers()
         finalize(plan)
     from .cube import open_cube
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,8 +34,11 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *,
 
 
 def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *,
-               mode: str = "r", use_consolidated: bool | None = None) -> zarr.Group:
+               mode: str = "r", use_consolidated: bool | None = None,
+               wrap=None) -> zarr.Group:
     store = zarr_store(url, storage_options, read_only=mode == "r")
+    if wrap is not None:
+        store = wrap(store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return zarr.open_group(store, mode=mode, zarr_format=3,
@@ -71,3 +75,26 @@ def list_json(url: str, relative_dir: str, storage_options=None) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(p[len(root) + 1 :] for p in found if p.endswith(".json"))
+
+
+class ChecksumStore(zarr.storage.WrapperStore):
+    """A store wrapper that records the CRC-32 of every object written through it.
+
+    Checksums are taken from the bytes handed to the store, so recording them costs
+    no read-back; ``verify`` later compares them with what the store returns.
+    """
+
+    def __init__(self, store, checksums: dict[str, int | None] | None = None) -> None:
+        super().__init__(store)
+        self.checksums = {} if checksums is None else checksums
+
+    def _with_store(self, store):
+        return type(self)(store, self.checksums)
+
+    async def set(self, key: str, value) -> None:
+        self.checksums[key] = zlib.crc32(value.as_numpy_array())
+        await self._store.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        self.checksums[key] = None  # Zarr deletes a chunk that holds only fill values
+        await self._store.delete(key)
