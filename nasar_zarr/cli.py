@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.add_argument("--inner-chunk", type=int, default=None, help="samples per inner chunk")
     p.add_argument("--shard", type=int, default=None, help="samples per Zarr shard (one task)")
-    p.add_argument("--codec", default=None, help="blosc-zstd (default), blosc-lz4, zstd, none")
+    p.add_argument("--codec", default=None, help="blosc-lz4 (default), blosc-zstd, zstd, none")
     p.add_argument("--clevel", type=int, default=None)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--workers", type=int, default=None,

@@ -140,8 +140,8 @@ def provenance(plan: ConversionPlan, table: pa.Table) -> dict[str, Any]:
             "version": __version__,
             "created": now,
             "layout": plan.options.layout(),
-            "codec_detail": "blosc zstd bitshuffle" if plan.options.codec == "blosc-zstd"
-            else plan.options.codec,
+            "codec_detail": f"{plan.options.codec} (bitshuffle)"
+            if plan.options.codec.startswith("blosc") else plan.options.codec,
             "source": plan.source,
             "webdataset_summary": dict(plan.summary),
             "tar_shards": [{"path": t.path, "size": t.size, "samples": t.samples}

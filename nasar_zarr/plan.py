@@ -35,8 +35,10 @@ class ConvertOptions:
 
     inner_chunk: int = 1
     shard: int = 512
-    codec: str = "blosc-zstd"
-    clevel: int = 3
+    # blosc-lz4 + bitshuffle: 0.70x the tar bytes vs 0.69x for blosc-zstd, at 2-3x the
+    # write speed and faster reads (docs/LAYOUT.md).
+    codec: str = "blosc-lz4"
+    clevel: int = 5
     on_error: str = "raise"
     max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES
 
@@ -255,7 +257,8 @@ def plan_conversion(
     inner_chunk, shard
         Samples per inner Zarr chunk and per Zarr shard (one task each).
     codec, clevel
-        ``blosc-zstd`` (bitshuffle), ``blosc-lz4``, ``zstd`` or ``none``; level.
+        ``blosc-lz4`` (default) or ``blosc-zstd`` (both bitshuffle), ``zstd`` or ``none``;
+        and the compression level.
     on_error
         ``raise`` stops at the first bad sample; ``skip`` rejects it (status 2).
     storage_options

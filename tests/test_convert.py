@@ -66,7 +66,7 @@ def test_opens_with_plain_xarray_and_zarr(small_cube):
     assert [type(c).__name__ for c in rtc.compressors] == ["BloscCodec"]
     assert np.isnan(rtc.fill_value)
     prov = group.attrs["nasar_zarr"]
-    assert prov["layout"] == {"inner_chunk": 2, "shard": 8, "codec": "blosc-zstd", "clevel": 3}
+    assert prov["layout"] == {"inner_chunk": 2, "shard": 8, "codec": "blosc-lz4", "clevel": 5}
     assert prov["webdataset_summary"]["dem_arrays"] == ["dem", "slope_deg"]
     assert [t["samples"] for t in prov["tar_shards"]] == [11, 7, 14]
     assert group.attrs["Conventions"].startswith("CF-")
@@ -76,7 +76,19 @@ def test_open_cube_chunks_are_shards(small_cube):
     ds = nz.open_cube(str(small_cube))
     assert ds.rtc.data.chunks[0] == (8, 8, 8, 8)
     assert ds.dem.data.chunks[0] == (8, 8, 8, 8)
+    assert ds.status.data.chunks[0] == (32,)  # a byte per sample: one dask chunk
+    assert ds.rtc_present.data.chunks[0] == (32,)
     assert not hasattr(ds.quality_score.variable._data, "dask")  # coords stay lazy numpy
+
+
+def test_open_cube_large_chunks_are_whole_shards_up_to_a_gib(small_cube, monkeypatch):
+    from nasar_zarr import cube
+
+    monkeypatch.setattr(cube, "LARGE_CHUNK_BYTES", 12 * 2**20)  # 12 MiB
+    ds = nz.open_cube(str(small_cube), chunks="large")
+    assert ds.rtc.data.chunks[0] == (24, 8)  # 512 KiB/sample: 3 shards of 8
+    assert ds.dem.data.chunks[0] == (32,)  # 64 KiB/sample: all 4 shards
+    assert ds.rtc.values.tobytes() == nz.open_cube(str(small_cube)).rtc.values.tobytes()
 
 
 def test_every_metadata_column_is_a_coordinate(small_cube, small_corpus):

@@ -89,8 +89,8 @@ def test_other_options_are_refused_unless_overwrite(corpus, tmp_path):
         other.execute(workers=0)
     assert str(err.value) == (
         f"{dest} already holds a cube made with different options (inner_chunk=1, shard=4,"
-        f" codec=blosc-zstd, clevel=3, samples=11, source={corpus.root}; now inner_chunk=1,"
-        f" shard=8, codec=blosc-zstd, clevel=3, samples=11, source={corpus.root}); pass"
+        f" codec=blosc-lz4, clevel=5, samples=11, source={corpus.root}; now inner_chunk=1,"
+        f" shard=8, codec=blosc-lz4, clevel=5, samples=11, source={corpus.root}); pass"
         " --overwrite to replace it, or convert into a new destination")
     ds = other.execute(workers=0, overwrite=True)
     assert ds.rtc.data.chunks[0] == (8, 3)
