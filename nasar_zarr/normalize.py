@@ -121,12 +121,15 @@ def rtc_normalized(
     # float32 bounds keep the result float32 (a float64 array would upcast the cube).
     low = xr.DataArray(bounds[:, 0], dims="pol", coords={"pol": rtc["pol"]})
     high = xr.DataArray(bounds[:, 1], dims="pol", coords={"pol": rtc["pol"]})
-    gain = _F32.type(rtc_gain)
-    out = clip_and_rescale(np.log1p(gain * rtc), low, high)
-    if rtc_present is not None:
-        # Keep NaN (unwritten samples) visible; zero only the truly missing channels.
-        out = out.where(rtc_present | out.isnull(), _F32.type(0))
-    out = out.astype(_F32, copy=False)
+    if rtc_present is None:
+        rtc_present = xr.DataArray(True)
+    # One fused in-place kernel per chunk: the chain of xarray ops made ~5 full-size
+    # temporaries per chunk and ran at ~0.6x a raw read.
+    out = xr.apply_ufunc(
+        rtc_kernel, rtc, rtc_present.astype(bool), low, high,
+        kwargs={"gain": _F32.type(rtc_gain)},
+        dask="parallelized", output_dtypes=[_F32], keep_attrs=False,
+    ).transpose(*rtc.dims)
     ranges_text = ", ".join(f"{p}: ({lo:g}, {hi:g})" for p, (lo, hi) in zip(pols, bounds,
                                                                           strict=True))
     out.attrs = _attrs(
@@ -135,6 +138,25 @@ def rtc_normalized(
         f" missing polarizations stay 0 ({_CARD}, Preprocessing).",
     )
     out.name = "rtc"
+    return out
+
+
+def rtc_kernel(x: np.ndarray, present: np.ndarray, low: np.ndarray, high: np.ndarray, *,
+               gain: np.float32) -> np.ndarray:
+    """numpy core of :func:`rtc_normalized`: one output buffer, updated in place.
+
+    ``present``, ``low`` and ``high`` broadcast against ``x``. A channel that is
+    not present is either all zero (a missing polarization: it becomes exactly 0)
+    or all NaN (an unwritten sample: it stays NaN).
+    """
+    out = np.multiply(x, gain, dtype=_F32)
+    np.log1p(out, out=out)
+    low, high = np.asarray(low, _F32), np.asarray(high, _F32)
+    np.clip(out, low, high, out=out)
+    out -= low
+    out /= high - low
+    missing = ~np.asarray(present, bool) & ~np.isnan(out[..., :1, :1])
+    np.copyto(out, _F32.type(0), where=missing)
     return out
 
 
@@ -220,10 +242,13 @@ def relief_kernel(dem: np.ndarray, *, percentiles: Sequence[float] = RELIEF_PERC
     if values.size == 0:
         return values.astype(_F32)
     flat = values.reshape(*values.shape[:-2], -1)
-    with warnings.catch_warnings():
-        # All-NaN patches (unwritten samples) are expected: they stay NaN.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanpercentile(flat, list(percentiles), axis=-1)
+    if not np.isnan(flat).any():  # the usual case; np.percentile is vectorised, nan* is not
+        lo, hi = np.percentile(flat, list(percentiles), axis=-1)
+    else:
+        with warnings.catch_warnings():
+            # All-NaN patches (unwritten samples) are expected: they stay NaN.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanpercentile(flat, list(percentiles), axis=-1)
     lo, hi = lo[..., None, None], hi[..., None, None]
     span = hi - lo
     # A flat patch clips to lo and divides by 1: exactly 0, with no 0/0.
