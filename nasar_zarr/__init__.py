@@ -8,16 +8,20 @@ __version__ = "0.1.0"
 from .accessor import NasarAccessor, select  # noqa: E402  (registers ds.nasar)
 from .cube import metadata_table, open_cube  # noqa: E402
 from .errors import NasarZarrError  # noqa: E402
+from .execute import append  # noqa: E402
 from .normalize import clip_and_rescale, normalized  # noqa: E402
 from .plan import ConversionPlan, ConvertOptions, plan_conversion  # noqa: E402
+from .reader import CubeReader  # noqa: E402
 from .stats import histogram, quantiles  # noqa: E402
 
 __all__ = [
     "ConversionPlan",
     "ConvertOptions",
+    "CubeReader",
     "NasarAccessor",
     "NasarZarrError",
     "__version__",
+    "append",
     "clip_and_rescale",
     "histogram",
     "metadata_table",
@@ -26,12 +30,17 @@ __all__ = [
     "plan_conversion",
     "quantiles",
     "select",
+    "verify",
     "write_catalog",
 ]
 
 
 def __getattr__(name: str):
     # intake is imported only when the catalog helpers are used.
+    if name == "verify":
+        from .verify import verify
+
+        return verify
     if name == "write_catalog":
         from .catalog import write_catalog
 
