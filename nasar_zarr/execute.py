@@ -287,6 +287,18 @@ def run_task(
     Samples are compressed one inner chunk at a time as they are read (see
     :mod:`nasar_zarr.sharding`): the task holds compressed bytes, not raw buffers.
     """
+    from numcodecs import blosc
+
+    # One task per core: blosc's own threads would only oversubscribe the cores.
+    threads = blosc.set_nthreads(1)
+    try:
+        return _run_task(task, src=src, dest=dest, options=options,
+                         rejected_rows=rejected_rows, storage_options=storage_options)
+    finally:
+        blosc.set_nthreads(threads)
+
+
+def _run_task(task, *, src, dest, options, rejected_rows, storage_options) -> dict[str, Any]:
     n, k = task.n_samples, options.inner_chunk
     status = np.zeros(n, dtype="uint8")
     present = np.zeros((n, *(schema.DIM_SIZES[d] for d in schema.RTC_PRESENT_DIMS[1:])),
