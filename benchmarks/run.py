@@ -1,7 +1,7 @@
 """nasar-zarr benchmarks: every figure of benchmarks/README.md in one run.
 
-    python benchmarks/run.py            # 4,200 samples (10-15 minutes on 2 cores)
-    python benchmarks/run.py --quick    # 1,200 samples (about 4 minutes)
+    python benchmarks/run.py            # 4,200 samples (about 9 minutes on 2 cores)
+    python benchmarks/run.py --quick    # 1,200 samples (about 3.5 minutes)
     python benchmarks/run.py --sweep    # layout sweep -> benchmarks/results/sweep.json
 
 The machine these run on is shared and noisy, so every goal is a ratio against
