@@ -155,8 +155,9 @@ def rtc_kernel(x: np.ndarray, present: np.ndarray, low: np.ndarray, high: np.nda
     np.clip(out, low, high, out=out)
     out -= low
     out /= high - low
-    missing = ~np.asarray(present, bool) & ~np.isnan(out[..., :1, :1])
-    np.copyto(out, _F32.type(0), where=missing)
+    if (low < 0).any():  # with p1 >= 0 a zero channel already maps to exactly 0
+        missing = ~np.asarray(present, bool) & ~np.isnan(out[..., :1, :1])
+        np.copyto(out, _F32.type(0), where=missing)
     return out
 
 

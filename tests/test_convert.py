@@ -154,6 +154,19 @@ def test_cli_convert_awkward_corpus_on_cluster(awkward_corpus, tmp_path, dask_cl
     assert str(ds.processed_at.dtype) == "datetime64[ns]"
 
 
+def test_cube_smaller_than_one_shard(tmp_path):
+    corpus = write_corpus(tmp_path / "c", n_shards=1, samples_per_shard=5, seed=9)
+    ds = nz.plan_conversion(str(corpus.root), str(tmp_path / "c.zarr"), shard=8,
+                            inner_chunk=2).execute(workers=0)
+    assert ds.rtc.data.chunks[0] == (5,)
+    assert_cube_equals_source(ds, corpus.root)
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert group["rtc"].shards[0] == 8 and group["rtc"].chunks[0] == 2
+    from nasar_zarr.verify import verify
+
+    assert verify(str(tmp_path / "c.zarr"), src=str(corpus.root), workers=0).ok
+
+
 def test_npy_member_layout_converts(tmp_path):
     corpus = write_corpus(tmp_path / "c", n_shards=2, samples_per_shard=3, seed=2, layout="npy")
     ds = nz.plan_conversion(str(corpus.root), str(tmp_path / "c.zarr"), shard=4).execute(

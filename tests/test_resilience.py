@@ -88,8 +88,8 @@ def test_other_options_are_refused_unless_overwrite(corpus, tmp_path):
     with pytest.raises(StoreExistsError) as err:
         other.execute(workers=0)
     assert str(err.value) == (
-        f"{dest} already holds a cube made with different options (inner_chunk=1, shard=4,"
-        f" codec=blosc-lz4, clevel=5, samples=11, source={corpus.root}; now inner_chunk=1,"
+        f"{dest} already holds a cube made with different options (inner_chunk=2, shard=4,"
+        f" codec=blosc-lz4, clevel=5, samples=11, source={corpus.root}; now inner_chunk=2,"
         f" shard=8, codec=blosc-lz4, clevel=5, samples=11, source={corpus.root}); pass"
         " --overwrite to replace it, or convert into a new destination")
     ds = other.execute(workers=0, overwrite=True)
