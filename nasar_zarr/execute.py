@@ -32,6 +32,7 @@ import xarray as xr
 
 from . import __version__, schema, sharding, source, store
 from . import metadata as meta
+from .cube import ATTRS_KEY
 from .errors import MetadataError, SourceError, StoreExistsError, StoreLockedError
 from .plan import ConversionPlan, ConvertOptions, ShardTask, read_metadata
 
@@ -39,7 +40,6 @@ TASKS_DIR = f"{store.INTERNAL_PREFIX}/tasks"
 LOCK_FILE = f"{store.INTERNAL_PREFIX}/lock.json"
 SKELETON_FILE = f"{store.INTERNAL_PREFIX}/skeleton.json"
 REJECTIONS_FILE = f"{store.INTERNAL_PREFIX}/rejections.json"
-ATTRS_KEY = "nasar_zarr"
 FAULT_ENV = "NASAR_ZARR_FAULT"  # testing hook: "point" or "point:N" -> SIGKILL there
 
 
@@ -405,7 +405,7 @@ def _chunk_buffers(k: int) -> dict[str, np.ndarray]:
     """Per-variable buffers of one inner chunk, reused (no page faults per task)."""
     if k not in _CHUNK_BUFFERS:
         _CHUNK_BUFFERS.clear()
-        _CHUNK_BUFFERS[k] = schema.empty_batch(k, fill=None)
+        _CHUNK_BUFFERS[k] = schema.empty_batch(k)
     return _CHUNK_BUFFERS[k]
 
 

@@ -205,20 +205,6 @@ STATUS_ATTRS = {
 PER_SAMPLE_BYTES = sum(int(np.prod(s)) for s in SOURCE_SHAPES.values()) * SOURCE_DTYPE.itemsize
 
 
-def source_to_cube(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One sample's source arrays as per-sample cube variables (no copy where possible)."""
-    out: dict[str, np.ndarray] = {}
-    for spec in DATA_VARIABLES:
-        if len(spec.placements) == 1 and spec.placements[0].index == ():
-            out[spec.name] = arrays[spec.placements[0].source_key].reshape(spec.sample_shape)
-            continue
-        var = np.empty(spec.sample_shape, dtype=spec.dtype)
-        for p in spec.placements:
-            var[p.index] = arrays[p.source_key].reshape(var[p.index].shape)
-        out[spec.name] = var
-    return out
-
-
 def fill_batch(
     batch: Mapping[str, np.ndarray], row: int, arrays: Mapping[str, np.ndarray]
 ) -> None:
@@ -230,19 +216,15 @@ def fill_batch(
             slot[...] = arrays[p.source_key].reshape(slot.shape)
 
 
-def empty_batch(n: int, *, fill: float | None = np.nan) -> dict[str, np.ndarray]:
-    """Per-variable buffers for ``n`` samples, filled with ``fill`` (``None``: uninitialized)."""
-    if fill is None:  # the caller fills every row; skipping the fill saves a pass over memory
-        return {spec.name: np.empty((n, *spec.sample_shape), dtype=spec.dtype)
-                for spec in DATA_VARIABLES}
-    return {
-        spec.name: np.full((n, *spec.sample_shape), fill, dtype=spec.dtype)
-        for spec in DATA_VARIABLES
-    }
+def empty_batch(n: int) -> dict[str, np.ndarray]:
+    """Uninitialized per-variable buffers for ``n`` samples (the caller fills every row)."""
+    return {spec.name: np.empty((n, *spec.sample_shape), dtype=spec.dtype)
+            for spec in DATA_VARIABLES}
 
 
 def cube_to_source(sample_vars: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`source_to_cube`: one sample's variables back to the 12 source arrays."""
+    """One sample's cube variables back to the 12 source arrays (the inverse of
+    :func:`fill_batch`)."""
     out: dict[str, np.ndarray] = {}
     for spec in DATA_VARIABLES:
         values = np.asarray(sample_vars[spec.name])
