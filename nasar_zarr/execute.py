@@ -214,8 +214,7 @@ def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> 
             )
         return {int(p.rsplit("/", 1)[1][:-5]) for p in store.list_json(dest, TASKS_DIR, so)}
     if _has_content(dest, so):
-        if existing is None and not complete and _existing_attrs(dest, so) is None and \
-                not _only_internal(dest, so):
+        if not complete and _existing_attrs(dest, so) is None and not _only_internal(dest, so):
             raise StoreExistsError(
                 f"{dest} exists and is not a nasar-zarr cube; refusing to write into it"
                 " (choose an empty or new destination)"
@@ -309,8 +308,8 @@ def _run_task(task, *, src, dest, options, rejected_rows, storage_options) -> di
     encode = sharding.inner_encoder(options.codec, options.clevel)
     chunk = _chunk_buffers(k)
     pieces: dict[str, list[bytes]] = {name: [] for name in schema.VARIABLES}
-    samples = _samples_in_row_order(task, src=src, options=options,
-                                    storage_options=storage_options)
+    samples = task_samples(task, src=src, max_member_bytes=options.max_member_bytes,
+                           storage_options=storage_options)
     pending = next(samples, None)
     for chunk_start in range(task.start, task.start + -(-n // k) * k, k):
         for j in range(k):
@@ -367,12 +366,14 @@ def _run_task(task, *, src, dest, options, rejected_rows, storage_options) -> di
     return record
 
 
-def _samples_in_row_order(task: ShardTask, *, src, options, storage_options):
+def task_samples(task: ShardTask, *, src: str,
+                 max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES,
+                 storage_options: Mapping[str, Any] | None = None):
     """``(row, shard_path, key, arrays | error)`` for the task's samples, rows ascending."""
     for span in task.spans:
         samples = source.read_samples(source.join(src, span.shard_path), span.entries,
                                       shard=span.shard_path, storage_options=storage_options,
-                                      max_member_bytes=options.max_member_bytes)
+                                      max_member_bytes=max_member_bytes)
         for row, (key, arrays) in zip(span.rows, samples, strict=True):
             yield row, span.shard_path, key, arrays
 

@@ -179,14 +179,8 @@ def dem_normalized(dem: xr.DataArray, *, dem_range: Sequence[float] = DEM_RANGE)
     xarray.DataArray
         float32 in [0, 1], same dims and coordinates.
     """
-    lo, hi = _check_range("dem_range", dem_range)
-    out = clip_and_rescale(dem, _F32.type(lo), _F32.type(hi)).astype(_F32, copy=False)
-    out.attrs = _attrs(
-        "normalized elevation",
-        f"clip_and_rescale(dem, {lo:g} m, {hi:g} m) ({_CARD}: dem_view_0/1).",
-    )
-    out.name = "dem"
-    return out
+    return _rescaled(dem, "dem", dem_range, source="dem", unit="m",
+                     long_name="normalized elevation", loader_key="dem_view_0/1")
 
 
 def slope_normalized(
@@ -209,13 +203,20 @@ def slope_normalized(
     xarray.DataArray
         float32 in [0, 1], same dims and coordinates.
     """
-    lo, hi = _check_range("slope_range", slope_range)
-    out = clip_and_rescale(slope_deg, _F32.type(lo), _F32.type(hi)).astype(_F32, copy=False)
+    return _rescaled(slope_deg, "slope", slope_range, source="slope_deg", unit="deg",
+                     long_name="normalized terrain slope", loader_key="slope_view_0/1")
+
+
+def _rescaled(values: xr.DataArray, name: str, bounds: Sequence[float], *, source: str,
+              unit: str, long_name: str, loader_key: str) -> xr.DataArray:
+    """``clip_and_rescale`` to a fixed range, float32, with CF attributes."""
+    lo, hi = _check_range(f"{name}_range", bounds)
+    out = clip_and_rescale(values, _F32.type(lo), _F32.type(hi)).astype(_F32, copy=False)
     out.attrs = _attrs(
-        "normalized terrain slope",
-        f"clip_and_rescale(slope_deg, {lo:g} deg, {hi:g} deg) ({_CARD}: slope_view_0/1).",
+        long_name,
+        f"clip_and_rescale({source}, {lo:g} {unit}, {hi:g} {unit}) ({_CARD}: {loader_key}).",
     )
-    out.name = "slope"
+    out.name = name
     return out
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import schema, source, store
+from . import schema, store
 from .cube import ATTRS_KEY, metadata_table, open_cube
 from .errors import SourceError
-from .execute import chunk_object, run_calls, task_record_path
+from .execute import chunk_object, run_calls, task_record_path, task_samples
 from .plan import ShardTask, plan_conversion, read_metadata
 
 
@@ -140,22 +140,18 @@ def _compare_task(task: ShardTask, *, dest: str, src: str, rejected_rows=(),
     expected_status = np.zeros(task.n_samples, dtype="uint8")
     for row in rejected_rows:
         expected_status[row - task.start] = schema.STATUS_REJECTED
-    for span in task.spans:
-        url = source.join(src, span.shard_path)
-        for row, (key, arrays) in zip(span.rows, source.read_samples(
-                url, span.entries, shard=span.shard_path, storage_options=storage_options),
-                strict=True):
-            i = row - task.start
-            if isinstance(arrays, SourceError):
-                expected_status[i] = schema.STATUS_REJECTED
-                continue
-            expected_status[i] = schema.STATUS_WRITTEN
-            back = schema.cube_to_source({name: values[i] for name, values in stored.items()})
-            for name in schema.SOURCE_KEYS:
-                if back[name].tobytes() != arrays[name].tobytes():
-                    found.append((key, f"{name} differs from the source"))
-            if not np.array_equal(present[i], schema.rtc_present(stored["rtc"][i])):
-                found.append((key, "rtc_present does not match the data"))
+    for row, _, key, arrays in task_samples(task, src=src, storage_options=storage_options):
+        i = row - task.start
+        if isinstance(arrays, SourceError):
+            expected_status[i] = schema.STATUS_REJECTED
+            continue
+        expected_status[i] = schema.STATUS_WRITTEN
+        back = schema.cube_to_source({name: values[i] for name, values in stored.items()})
+        for name in schema.SOURCE_KEYS:
+            if back[name].tobytes() != arrays[name].tobytes():
+                found.append((key, f"{name} differs from the source"))
+        if not np.array_equal(present[i], schema.rtc_present(stored["rtc"][i])):
+            found.append((key, "rtc_present does not match the data"))
     for i, key in enumerate(keys):
         if status[i] != expected_status[i]:
             found.append((key, f"status is {status[i]}, expected {expected_status[i]}"))

@@ -13,6 +13,11 @@ from nasar_zarr import plan_conversion
 from nasar_zarr.testing import write_corpus
 
 
+def release_order(frame):
+    """A metadata frame sorted into release order, index reset (what the cube holds)."""
+    return frame.sort_values(["shard_index", "sample_index_in_shard"]).reset_index(drop=True)
+
+
 def decode_with_card(corpus_root: Path) -> dict[str, dict[str, np.ndarray]]:
     """An independent reader that follows only the dataset card: tarfile + numpy."""
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -45,6 +50,22 @@ def small_cube(small_corpus, tmp_path_factory):
     plan = plan_conversion(str(small_corpus.root), str(dest), shard=8, inner_chunk=2)
     plan.execute(workers=0)
     return dest
+
+
+@pytest.fixture(scope="session")
+def cube(small_cube):
+    """``small_cube`` opened the recommended way (lazy, dask chunks = shards)."""
+    from nasar_zarr import open_cube
+
+    return open_cube(str(small_cube))
+
+
+@pytest.fixture(scope="session")
+def table(small_corpus):
+    """``small_corpus``'s metadata.parquet (rows shuffled on disk), in release order."""
+    import pandas as pd
+
+    return release_order(pd.read_parquet(small_corpus.root / "metadata.parquet"))
 
 
 @pytest.fixture(scope="session")

@@ -16,19 +16,6 @@ from nasar_zarr.testing.dask import raise_if_dask_computes
 DATA_VARIABLES = ("rtc", "inc_angle", "ifg", "coh", "dem", "slope_deg", "rtc_present")
 
 
-@pytest.fixture(scope="module")
-def cube(small_cube):
-    return open_cube(str(small_cube))
-
-
-@pytest.fixture(scope="module")
-def table(small_corpus):
-    """metadata.parquet (its rows are shuffled on disk), in release order."""
-    frame = pd.read_parquet(small_corpus.root / schema.METADATA_FILE)
-    order = [schema.SHARD_INDEX_COLUMN, schema.INDEX_IN_SHARD_COLUMN]
-    return frame.sort_values(order).reset_index(drop=True)
-
-
 def test_importing_registers_the_accessor(cube):
     assert hasattr(xr.Dataset, "nasar")
     assert isinstance(cube.nasar, NasarAccessor)

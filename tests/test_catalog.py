@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from nasar_zarr import metadata_table, open_cube, schema, write_catalog
+from nasar_zarr import metadata_table, schema, write_catalog
 from nasar_zarr.cli import main
 from nasar_zarr.testing.dask import raise_if_dask_computes
 
@@ -23,18 +23,6 @@ pytestmark = pytest.mark.filterwarnings(
     # intake 2.0.x warns about shell expansion for every string parameter default.
     "ignore:Shell command not executed:UserWarning"
 )
-
-
-@pytest.fixture(scope="module")
-def cube(small_cube):
-    return open_cube(str(small_cube))
-
-
-@pytest.fixture(scope="module")
-def table(small_corpus):
-    frame = pd.read_parquet(small_corpus.root / schema.METADATA_FILE)
-    order = [schema.SHARD_INDEX_COLUMN, schema.INDEX_IN_SHARD_COLUMN]
-    return frame.sort_values(order).reset_index(drop=True)
 
 
 def _same_cube(opened: xr.Dataset, cube: xr.Dataset) -> None:

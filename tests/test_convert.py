@@ -18,14 +18,13 @@ import nasar_zarr as nz
 from nasar_zarr import schema
 from nasar_zarr.cli import main
 from nasar_zarr.testing import write_corpus
-from tests.conftest import decode_with_card
+from tests.conftest import decode_with_card, release_order
 
 
 def assert_cube_equals_source(ds: xr.Dataset, corpus_root) -> None:
     """Every variable of every sample equals the card reader's arrays, bit for bit."""
     expected = decode_with_card(corpus_root)
-    meta = pq.read_table(corpus_root / "metadata.parquet").to_pandas()
-    meta = meta.sort_values(["shard_index", "sample_index_in_shard"])
+    meta = release_order(pq.read_table(corpus_root / "metadata.parquet").to_pandas())
     assert ds.sample.values.tolist() == meta["sample_key"].tolist()
     loaded = {name: ds[name].values for name in schema.VARIABLES}
     for i, key in enumerate(ds.sample.values.tolist()):
@@ -97,8 +96,7 @@ def test_every_metadata_column_is_a_coordinate(small_cube, small_corpus):
     for column in original.columns:
         assert column in ds.coords, column
         assert ds[column].dims == ("sample",)
-    expected = original.sort_values(["shard_index", "sample_index_in_shard"]).reset_index(
-        drop=True)
+    expected = release_order(original)
     pd.testing.assert_frame_equal(nz.metadata_table(ds), expected)
 
 
@@ -147,8 +145,7 @@ def test_cli_convert_awkward_corpus_on_cluster(awkward_corpus, tmp_path, dask_cl
     assert_cube_equals_source(ds, awkward_corpus.root)
     original = pq.read_table(awkward_corpus.root / "metadata.parquet").to_pandas()
     rebuilt = ds.nasar.metadata() if hasattr(ds, "nasar") else nz.metadata_table(ds)
-    expected = original.sort_values(["shard_index", "sample_index_in_shard"]).reset_index(
-        drop=True)
+    expected = release_order(original)
     pd.testing.assert_frame_equal(rebuilt, expected)
     assert ds.revisit_days.attrs["nasar_encoding"] == "nullable_int"
     assert str(ds.processed_at.dtype) == "datetime64[ns]"

@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 
 import nasar_zarr  # noqa: F401  (registers ds.nasar)
-from nasar_zarr import normalize, open_cube
+from nasar_zarr import normalize
 from nasar_zarr.testing.dask import raise_if_dask_computes
 from tests.conftest import decode_with_card
 
@@ -65,11 +65,6 @@ def card_expected(raw, keys, **options):
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def cube(small_cube):
-    return open_cube(str(small_cube))
-
-
 @pytest.fixture(scope="module")
 def raw(small_corpus):
     return decode_with_card(small_corpus.root)

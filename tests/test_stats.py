@@ -10,13 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nasar_zarr  # noqa: F401  (registers ds.nasar)
-from nasar_zarr import open_cube, stats
+from nasar_zarr import stats
 from nasar_zarr.testing.dask import raise_if_dask_computes
-
-
-@pytest.fixture(scope="module")
-def cube(small_cube):
-    return open_cube(str(small_cube))
 
 
 @pytest.fixture(scope="module")
