@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import measure as m  # noqa: E402
+from nasar_zarr.cube import provenance  # noqa: E402
+from nasar_zarr.store import read_provenance  # noqa: E402
 
 # Samples per source tar: not a multiple of the Zarr shard, so tasks span tars. The main
 # run keeps even its N/2 corpus above one default shard (512 samples): a corpus smaller
@@ -254,7 +256,7 @@ def run_main(args) -> dict[str, Any]:
     # -- reads (warm)
     m.warm_page_cache([store])
     ds = open_cube(str(store))
-    layout = ds.attrs["nasar_zarr"]["layout"]
+    layout = provenance(ds)["layout"]
     r["layout"] = layout
     names = [v for v in m.DATA_VARS if v in ds.data_vars]
     dask_s = [m.scan_dask(ds, names) for _ in range(2)]
@@ -483,7 +485,7 @@ def run_sweep(args) -> dict[str, Any]:
         convs = [m.convert_in_subprocess(corpus, store, opts) for _ in range(2)]
         conv = {"wall_s": min(c["wall_s"] for c in convs),
                 "maxrss_mb": max(c["maxrss_mb"] for c in convs)}
-        layout = json.loads((store / "zarr.json").read_text())["attributes"]["nasar_zarr"]
+        layout = read_provenance(json.loads((store / "zarr.json").read_text())["attributes"])
         size = m.tree_bytes(store)
         m.warm_page_cache([store])
         arrays = m.ts_open(store, list(m.DATA_VARS))

@@ -3,14 +3,19 @@
 Importing the package registers the ``ds.nasar`` accessor.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("nasar-zarr")  # the one version source: pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 from .accessor import NasarAccessor, select  # noqa: E402  (registers ds.nasar)
+from .api import append, execute, plan_conversion, verify  # noqa: E402
 from .cube import metadata_table, open_cube  # noqa: E402
 from .errors import NasarZarrError  # noqa: E402
-from .execute import append  # noqa: E402
 from .normalize import clip_and_rescale, normalized  # noqa: E402
-from .plan import ConversionPlan, ConvertOptions, plan_conversion  # noqa: E402
+from .plan import ConversionPlan, ConvertOptions  # noqa: E402
 from .reader import CubeReader  # noqa: E402
 from .stats import histogram, quantiles  # noqa: E402
 
@@ -23,6 +28,7 @@ __all__ = [
     "__version__",
     "append",
     "clip_and_rescale",
+    "execute",
     "histogram",
     "metadata_table",
     "normalized",
@@ -37,10 +43,6 @@ __all__ = [
 
 def __getattr__(name: str):
     # intake is imported only when the catalog helpers are used.
-    if name == "verify":
-        from .verify import verify
-
-        return verify
     if name == "write_catalog":
         from .catalog import write_catalog
 

@@ -69,5 +69,13 @@ class StoreLockedError(StoreError):
     """Another conversion holds the store's lock."""
 
 
+class NotACubeError(StoreError, FileNotFoundError):
+    """The path does not exist, or holds no cube written by nasar-zarr."""
+
+
+class SourceChangedError(NasarZarrError, ValueError):
+    """A tar the cube (or a saved plan) was made from has changed since."""
+
+
 class VerificationError(NasarZarrError, AssertionError):
     """The store does not match its source or its recorded checksums."""

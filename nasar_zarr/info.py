@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 
 from . import schema, store
-from .cube import ATTRS_KEY, open_cube
+from .cube import open_cube, provenance
 
 
 def status_counts(ds: xr.Dataset) -> dict[str, int]:
@@ -45,7 +45,7 @@ def describe(url: str, *, storage_options: Mapping[str, Any] | None = None) -> d
         "stored_bytes": int(sum(sizes.values())),
         "objects": sum(1 for k in sizes if not k.startswith(internal)),
         "status": status_counts(ds),
-        "provenance": {k: v for k, v in ds.attrs.get(ATTRS_KEY, {}).items()
+        "provenance": {k: v for k, v in provenance(ds).items()
                        if k != "metadata_schema"},
         "history": ds.attrs.get("history"),
     }

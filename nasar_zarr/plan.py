@@ -1,32 +1,32 @@
-"""Pure planning: a corpus and options become a :class:`ConversionPlan`.
+"""Pure planning: metadata rows and tar indexes become a :class:`ConversionPlan`.
 
-The only I/O is reading ``metadata.parquet``, ``webdataset_summary.json`` and
-the tar headers. Samples go in release order, (shard_index,
-sample_index_in_shard); each Zarr shard (``options.shard`` samples along
-``sample``) becomes exactly one :class:`ShardTask`, which carries the byte
-ranges of every tar member it needs, so a task may read the tail of one tar
-and the head of the next without any other task touching its Zarr shard.
+No I/O here (:mod:`nasar_zarr.corpus` reads the release; :func:`nasar_zarr.api.
+plan_conversion` composes the two). Samples go in release order,
+(shard_index, sample_index_in_shard); each Zarr shard (``options.shard``
+samples along ``sample``) becomes exactly one :class:`ShardTask`, which carries
+the byte ranges of every tar member it needs, so a task may read the tail of
+one tar and the head of the next without any other task touching its Zarr shard.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from . import schema, source
-from .errors import MetadataError, NasarZarrError, SourceError
+from . import source
+from .errors import MetadataError, SourceError
 
-ON_ERROR = ("raise", "skip")
-CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
+if TYPE_CHECKING:
+    import xarray as xr
+
+Codec = Literal["blosc-lz4", "blosc-zstd", "zstd", "none"]
+OnError = Literal["raise", "skip"]
+CODECS: tuple[str, ...] = get_args(Codec)
+ON_ERROR: tuple[str, ...] = get_args(OnError)
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ class ConvertOptions:
     shard: int = 512
     # blosc-lz4 + bitshuffle: 0.70x the tar bytes vs 0.69x for blosc-zstd, at 2-3x the
     # write speed and faster reads (docs/LAYOUT.md).
-    codec: str = "blosc-lz4"
+    codec: Codec = "blosc-lz4"
     clevel: int = 5
-    on_error: str = "raise"
+    on_error: OnError = "raise"
     max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES
 
     def __post_init__(self):
@@ -98,9 +98,36 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class TarShard:
+    """One tar of the release as it was when indexed.
+
+    ``mtime`` and ``etag`` are whatever the filesystem reports (None where it
+    reports nothing); together with ``size`` they tell whether the tar changed.
+    """
+
     path: str  # relative to the source root
     size: int
     samples: int
+    mtime: str | None = None
+    etag: str | None = None
+
+    def differs_from(self, other: TarShard) -> str | None:
+        """How ``other`` (the same path, seen later) differs from this one, or None."""
+        if self.size != other.size:
+            return f"size {self.size:,} -> {other.size:,} bytes"
+        if self.etag and other.etag and self.etag != other.etag:
+            return f"ETag {self.etag} -> {other.etag}"
+        if self.mtime and other.mtime and self.mtime != other.mtime:
+            return f"modified {self.mtime} -> {other.mtime}"
+        return None
+
+
+@dataclass(frozen=True)
+class IndexedTar:
+    """A tar's fingerprint, its samples' member ranges, and the problems found in it."""
+
+    shard: TarShard
+    entries: tuple[source.SampleEntry, ...]
+    problems: tuple[SourceError, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,127 +204,47 @@ class ConversionPlan:
             storage_options=dict(storage_options or {}),
         )
 
-    def execute(self, *, client=None, workers: int | None = None, progress: bool = False,
-                overwrite: bool = False):
-        """Write the store (see :func:`nasar_zarr.execute.execute`); returns the dataset."""
-        from .execute import execute
+    def execute(
+        self,
+        *,
+        client: Any = None,
+        workers: int | None = None,
+        progress: bool = False,
+        overwrite: bool = False,
+    ) -> xr.Dataset:
+        """Write the store (see :func:`nasar_zarr.api.execute`); returns the dataset.
 
-        return execute(self, client=client, workers=workers, progress=progress,
-                       overwrite=overwrite)
+        Parameters
+        ----------
+        client
+            A ``distributed.Client``; without one a LocalCluster of ``workers``
+            single-threaded processes is started (``workers=0``: in this process).
+        workers
+            Worker processes of the LocalCluster (default one per core).
+        progress
+            Show a progress bar on stderr.
+        overwrite
+            Replace a cube made with other options instead of refusing.
 
+        Returns
+        -------
+        xarray.Dataset
+            The cube, opened lazily.
 
-# ---------------------------------------------------------------------------- reading
+        Examples
+        --------
+        >>> plan = nasar_zarr.plan_conversion("corpus", "nasar.zarr")  # doctest: +SKIP
+        >>> ds = plan.execute(workers=2)  # doctest: +SKIP
+        """
+        # Deferred: the plan stays importable without the writing side.
+        from .api import execute
 
-
-def read_metadata(
-    src: str, storage_options: Mapping[str, Any] | None = None
-) -> pa.Table:
-    """The metadata table in release order (rows sorted by shard, then index in shard)."""
-    url = source.join(src, schema.METADATA_FILE)
-    try:
-        with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-            table = pq.read_table(f)
-    except FileNotFoundError:
-        raise MetadataError(f"{url}: metadata.parquet not found; is {src!r} an NA-SAR "
-                            "release root (data/, metadata.parquet)?") from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise MetadataError(f"{url}: cannot read parquet: {exc}") from None
-    missing = [c for c in schema.SHARDING_COLUMNS if c not in table.column_names]
-    if missing:
-        raise MetadataError(f"{url}: missing sharding columns {missing}")
-    for col in schema.SHARDING_COLUMNS:
-        if table.column(col).null_count:
-            raise MetadataError(f"{url}: column {col!r} has missing values")
-    order = pc.sort_indices(
-        table, sort_keys=[(schema.SHARD_INDEX_COLUMN, "ascending"),
-                          (schema.INDEX_IN_SHARD_COLUMN, "ascending")]
-    )
-    return table.take(order)
-
-
-def read_summary(src: str, storage_options: Mapping[str, Any] | None = None) -> dict:
-    url = source.join(src, schema.SUMMARY_FILE)
-    try:
-        with fsspec.open(url, "rt", **dict(storage_options or {})) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as exc:
-        raise MetadataError(f"{url}: not valid JSON: {exc}") from None
-
-
-def list_tar_shards(src: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Relative paths of the tar shards under ``src/data``, sorted."""
-    fs, root = fsspec.core.url_to_fs(src, **dict(storage_options or {}))
-    root = root.rstrip("/")
-    found = fs.glob(f"{root}/{schema.SHARD_GLOB}")
-    return sorted(p[len(root) + 1 :] for p in found)
+        return execute(
+            self, client=client, workers=workers, progress=progress, overwrite=overwrite
+        )
 
 
 # ---------------------------------------------------------------------------- planning
-
-
-def plan_conversion(
-    src: str,
-    dest: str,
-    *,
-    inner_chunk: int = ConvertOptions.inner_chunk,
-    shard: int = ConvertOptions.shard,
-    codec: str = ConvertOptions.codec,
-    clevel: int = ConvertOptions.clevel,
-    on_error: str = "raise",
-    max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES,
-    storage_options: Mapping[str, Any] | None = None,
-    index_threads: int = 8,
-) -> ConversionPlan:
-    """Plan the conversion of the corpus at ``src`` into a cube at ``dest``.
-
-    Parameters
-    ----------
-    src, dest
-        Local paths or fsspec URLs (``s3://...``).
-    inner_chunk, shard
-        Samples per inner Zarr chunk and per Zarr shard (one task each).
-    codec, clevel
-        ``blosc-lz4`` (default) or ``blosc-zstd`` (both bitshuffle), ``zstd`` or ``none``;
-        and the compression level.
-    on_error
-        ``raise`` stops at the first bad sample; ``skip`` rejects it (status 2).
-    storage_options
-        fsspec options for both ``src`` and ``dest`` (e.g. ``endpoint_url``).
-
-    Raises
-    ------
-    SourceError, MetadataError
-        Bad input under ``on_error="raise"``, naming the shard file and sample key.
-    """
-    options = ConvertOptions(inner_chunk=inner_chunk, shard=shard, codec=codec, clevel=clevel,
-                             on_error=on_error, max_member_bytes=max_member_bytes)
-    table = read_metadata(src, storage_options)
-    summary = read_summary(src, storage_options)
-    keys = table.column(schema.KEY_COLUMN).to_pylist()
-    shard_of_row = table.column(schema.SHARD_PATH_COLUMN).to_pylist()
-    tar_paths = sorted(set(list_tar_shards(src, storage_options)) | set(shard_of_row))
-
-    def index_one(path: str):
-        problems: list[SourceError] = []
-        url = source.join(src, path)
-        try:
-            size = source.file_size(url, storage_options)
-        except FileNotFoundError:
-            problems.append(SourceError("tar shard not found", shard=path))
-            return path, 0, [], problems
-        entries = source.index_shard(url, shard=path, storage_options=storage_options,
-                                     max_member_bytes=max_member_bytes,
-                                     problems=None if on_error == "raise" else problems)
-        return path, size, entries, problems
-
-    with ThreadPoolExecutor(max(1, min(index_threads, len(tar_paths)))) as pool:
-        indexed = list(pool.map(index_one, tar_paths))
-    return assemble_plan(
-        src, dest, options, keys, shard_of_row, indexed, summary=summary,
-        storage_options=storage_options,
-    )
 
 
 def assemble_plan(
@@ -306,14 +253,14 @@ def assemble_plan(
     options: ConvertOptions,
     keys: Sequence[str],
     shard_of_row: Sequence[str],
-    indexed: Sequence[tuple[str, int, Sequence[source.SampleEntry], Sequence[SourceError]]],
+    indexed: Sequence[IndexedTar],
     *,
     summary: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> ConversionPlan:
     """The pure core of planning: metadata rows (release order) + tar indexes -> plan.
 
-    ``indexed`` holds ``(tar_path, size, entries, problems)`` per tar shard.
+    ``indexed`` holds one :class:`IndexedTar` per tar shard.
     """
     strict = options.on_error == "raise"
     rejected: list[Rejection] = []
@@ -332,9 +279,10 @@ def assemble_plan(
         row_of_key[key] = row
     located: dict[int, tuple[str, source.SampleEntry]] = {}
     tar_shards = []
-    for path, size, entries, problems in indexed:
-        tar_shards.append(TarShard(path, size, len(entries)))
-        for problem in problems:
+    for tar in indexed:
+        path, entries = tar.shard.path, tar.entries
+        tar_shards.append(tar.shard)
+        for problem in tar.problems:
             reject(problem, row_of_key.get(problem.key) if problem.key else None)
         for entry in entries:
             row = row_of_key.get(entry.key)
@@ -397,14 +345,15 @@ def task_rows(task: ShardTask) -> np.ndarray:
 
 
 __all__ = [
+    "Codec",
     "ConversionPlan",
     "ConvertOptions",
-    "NasarZarrError",
+    "IndexedTar",
+    "OnError",
     "ReadSpan",
     "Rejection",
     "ShardTask",
+    "TarShard",
     "assemble_plan",
-    "plan_conversion",
-    "read_metadata",
     "shard_bounds",
 ]

@@ -14,6 +14,32 @@ import zarr
 from . import source
 
 INTERNAL_PREFIX = "_nasar"  # converter bookkeeping objects, ignored by Zarr readers
+PROVENANCE_ATTR = "nasar_zarr"  # root attribute: the converter's provenance, a JSON string
+# Bookkeeping objects under INTERNAL_PREFIX; every writer takes the paths from here.
+TASKS_DIR = f"{INTERNAL_PREFIX}/tasks"  # one record per finished task
+LOCK_FILE = f"{INTERNAL_PREFIX}/lock.json"
+SKELETON_FILE = f"{INTERNAL_PREFIX}/skeleton.json"  # written once the skeleton is complete
+REJECTIONS_FILE = f"{INTERNAL_PREFIX}/rejections.json"
+APPEND_FILE = f"{INTERNAL_PREFIX}/append.json"  # intent of an append in progress
+
+
+def task_record_path(index: int) -> str:
+    """Relative path of the record of task (Zarr shard) ``index``."""
+    return f"{TASKS_DIR}/{index:06d}.json"
+
+
+def read_provenance(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The converter's provenance from a cube's root attributes (``{}`` if absent).
+
+    It is stored as a JSON string so that every writer (netCDF, Zarr) accepts the
+    attributes of a dataset opened from the cube; cubes written before 0.2 hold a dict.
+    """
+    value = attrs.get(PROVENANCE_ATTR)
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return json.loads(value)
+    return dict(value)
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
@@ -67,6 +93,39 @@ def write_json(url: str, relative: str, value, storage_options=None) -> None:
     fs.pipe_file(path, json.dumps(value, indent=1, sort_keys=True).encode())
 
 
+def create_json(url: str, relative: str, value, storage_options=None) -> bool:
+    """Write ``value`` only if the object does not exist yet, in one atomic step.
+
+    Returns False (writing nothing) when it exists. Locally this is an exclusive
+    open (``O_CREAT | O_EXCL``); on S3 a conditional ``PutObject`` with
+    ``If-None-Match: *`` (s3fs ``mode="create"``); other fsspec filesystems get
+    their own ``mode="create"`` (an exclusive open where they have one).
+    """
+    fs, root = filesystem(url, storage_options)
+    path = f"{root}/{relative}"
+    data = json.dumps(value, indent=1, sort_keys=True).encode()
+    if not source.is_remote(url):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:  # s3fs reports a failed precondition (HTTP 412) as an OSError
+        if "PreconditionFailed" in str(exc) or "412" in str(exc):
+            return False
+        raise
+    return True
+
+
+def remove(url: str, relative: str, storage_options=None) -> None:
+    """Delete one object if it exists."""
+    fs, root = filesystem(url, storage_options)
+    try:
+        fs.rm_file(f"{root}/{relative}")
+    except FileNotFoundError:
+        pass
+
+
 def list_json(url: str, relative_dir: str, storage_options=None) -> list[str]:
     """Relative paths of the JSON objects under ``relative_dir`` (empty if none)."""
     fs, root = filesystem(url, storage_options)
@@ -75,6 +134,16 @@ def list_json(url: str, relative_dir: str, storage_options=None) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(p[len(root) + 1 :] for p in found if p.endswith(".json"))
+
+
+def task_records(url: str, storage_options: Mapping[str, Any] | None = None) -> list[dict]:
+    """Every finished task's record, in task order."""
+    return [read_json(url, p, storage_options) for p in list_json(url, TASKS_DIR, storage_options)]
+
+
+def finished_tasks(url: str, storage_options: Mapping[str, Any] | None = None) -> set[int]:
+    """Indexes of the tasks whose record exists (their Zarr shards are complete)."""
+    return {int(p.rsplit("/", 1)[1][:-5]) for p in list_json(url, TASKS_DIR, storage_options)}
 
 
 class ChecksumStore(zarr.storage.WrapperStore):

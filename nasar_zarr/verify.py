@@ -18,10 +18,12 @@ import numpy as np
 import pandas as pd
 
 from . import schema, store
-from .cube import ATTRS_KEY, metadata_table, open_cube
+from .corpus import read_metadata
+from .cube import metadata_table, open_cube
 from .errors import SourceError
-from .execute import chunk_object, run_calls, task_record_path, task_samples
-from .plan import ShardTask, plan_conversion, read_metadata
+from .plan import ConversionPlan, ShardTask
+from .runner import run_calls
+from .task import chunk_object, task_samples
 
 
 @dataclass(frozen=True)
@@ -58,27 +60,31 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify(
+def verify_store(
     dest: str,
+    recorded: Mapping[str, Any],
     *,
-    src: str | None = None,
-    client=None,
+    plan: ConversionPlan | None = None,
+    client: Any = None,
     workers: int | None = None,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
-    """Verify the cube at ``dest`` (see the module docstring); never raises on a mismatch."""
+    """Verify the cube at ``dest`` (``recorded``: its provenance) against its checksums,
+    and against the source when ``plan`` (made with ``on_error="skip"``) is given.
+
+    Never raises on a mismatch: the report lists them.
+    """
     so = dict(storage_options or {})
     group = store.open_group(dest, so, use_consolidated=False)
-    recorded = dict(group.attrs)[ATTRS_KEY]
     shard = int(recorded["layout"]["shard"])
     n = int(recorded["n_samples"])
     n_shards = -(-n // shard)
     mismatches: list[Mismatch] = []
-    calls = [((index,), {"dest": dest, "storage_options": so}) for index in range(n_shards)]
-    if src is not None:
-        plan = plan_conversion(src, dest, on_error="skip", storage_options=so,
-                               **recorded["layout"])
+    calls: list = [((index,), {"dest": dest, "storage_options": so}) for index in range(n_shards)]
+    fn: Any
+    if plan is not None:
+        src = plan.source
         if plan.sample_keys != tuple(group[schema.SAMPLE_DIM][:].tolist()):
             mismatches.append(Mismatch("sample", "sample keys differ from the source's"))
             return VerifyReport(dest, 0, 0, tuple(mismatches))
@@ -97,7 +103,7 @@ def verify(
 
 
 def _check_shard(index: int, *, dest: str, storage_options=None) -> list[tuple[str, str]]:
-    record = store.read_json(dest, task_record_path(index), storage_options)
+    record = store.read_json(dest, store.task_record_path(index), storage_options)
     if record is None:
         return [(f"shard {index}", "not written (no task record): the conversion did not"
                  " finish; run convert again")]

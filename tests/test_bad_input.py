@@ -19,9 +19,9 @@ import nasar_zarr as nz
 from nasar_zarr import schema
 from nasar_zarr.cli import main
 from nasar_zarr.errors import SourceError
-from nasar_zarr.execute import REJECTIONS_FILE
+from nasar_zarr.store import REJECTIONS_FILE
 from nasar_zarr.testing import encode_npz, write_corpus, write_tar
-from nasar_zarr.verify import verify
+from nasar_zarr.api import verify
 from tests.conftest import decode_with_card
 
 SHARD1 = "data/nasar-train-000001.tar"

@@ -15,7 +15,7 @@ import xarray as xr
 import zarr
 
 import nasar_zarr as nz
-from nasar_zarr import schema
+from nasar_zarr import schema, store
 from nasar_zarr.cli import main
 from nasar_zarr.testing import write_corpus
 from tests.conftest import decode_with_card, release_order
@@ -64,7 +64,7 @@ def test_opens_with_plain_xarray_and_zarr(small_cube):
     assert rtc.chunks == (2, 2, 2, 2, 128, 128) and rtc.shards == (8, 2, 2, 2, 128, 128)
     assert [type(c).__name__ for c in rtc.compressors] == ["BloscCodec"]
     assert np.isnan(rtc.fill_value)
-    prov = group.attrs["nasar_zarr"]
+    prov = store.read_provenance(group.attrs)
     assert prov["layout"] == {"inner_chunk": 2, "shard": 8, "codec": "blosc-lz4", "clevel": 5}
     assert prov["webdataset_summary"]["dem_arrays"] == ["dem", "slope_deg"]
     assert [t["samples"] for t in prov["tar_shards"]] == [11, 7, 14]
@@ -159,7 +159,7 @@ def test_cube_smaller_than_one_shard(tmp_path):
     assert_cube_equals_source(ds, corpus.root)
     group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert group["rtc"].shards[0] == 8 and group["rtc"].chunks[0] == 2
-    from nasar_zarr.verify import verify
+    from nasar_zarr.api import verify
 
     assert verify(str(tmp_path / "c.zarr"), src=str(corpus.root), workers=0).ok
 

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from nasar_zarr import ConversionPlan, plan_conversion, schema
 from nasar_zarr.errors import MetadataError, SourceError
-from nasar_zarr.plan import ConvertOptions, assemble_plan, shard_bounds, task_rows
+from nasar_zarr.plan import (
+    ConvertOptions,
+    IndexedTar,
+    TarShard,
+    assemble_plan,
+    shard_bounds,
+    task_rows,
+)
 from nasar_zarr.source import Member, SampleEntry
 
 
@@ -20,7 +27,7 @@ def _indexed(counts, order=None):
         path = schema.shard_name(s)
         entries = [SampleEntry(f"k{s}_{i}", (Member(f"k{s}_{i}.npz", 512 * (i + 1), 100),))
                    for i in range(count)]
-        indexed.append((path, 1000, entries, []))
+        indexed.append(IndexedTar(TarShard(path, 1000, count), tuple(entries)))
         keys += [e.key for e in entries]
         shard_of_row += [path] * count
     return keys, shard_of_row, indexed

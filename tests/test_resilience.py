@@ -16,10 +16,11 @@ import zarr
 import nasar_zarr as nz
 from nasar_zarr import schema
 from nasar_zarr.errors import StoreExistsError, StoreLockedError
-from nasar_zarr.execute import LOCK_FILE, append, task_record_path
+from nasar_zarr.api import append
+from nasar_zarr.store import LOCK_FILE, task_record_path
 from nasar_zarr.store import write_json
 from nasar_zarr.testing import write_corpus
-from nasar_zarr.verify import verify
+from nasar_zarr.api import verify
 
 ARRAYS = [*schema.VARIABLES, schema.STATUS, schema.RTC_PRESENT]
 

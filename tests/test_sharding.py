@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nasar_zarr import sharding
-from nasar_zarr.execute import compressors
+from nasar_zarr.layout import compressors
 from nasar_zarr.plan import ConvertOptions
 
 

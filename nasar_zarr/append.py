@@ -1,0 +1,142 @@
+"""Grow a cube with the samples of new tar shards, at the end of ``sample``.
+
+The grown release's plan (made with the cube's own layout) must list the cube's
+samples first, in the same order and with the same metadata, from unchanged
+tars. Full Zarr shards are never touched; a partial last shard is rewritten
+whole by its single task. An intent object makes an interrupted append resume.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import pyarrow as pa
+import xarray as xr
+
+from . import corpus, layout, schema, store
+from . import metadata as meta
+from .cube import metadata_table, open_cube
+from .errors import MetadataError, StoreExistsError
+from .faults import fault_point
+from .lock import store_lock
+from .plan import ConversionPlan
+from .task import run_tasks
+
+
+def append_plan(
+    plan: ConversionPlan,
+    recorded: dict[str, Any],
+    *,
+    client: Any = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> xr.Dataset:
+    """Add ``plan``'s new samples to the cube at ``plan.dest`` (recorded: its provenance)."""
+    src, dest, so = plan.source, plan.dest, plan.storage_options
+    n_old, n_new = int(recorded["n_samples"]), plan.n_samples
+    intent = store.read_json(dest, store.APPEND_FILE, so)
+    resuming = intent is not None and intent.get("to") == n_new
+    table = corpus.read_metadata(src, so)
+    if not resuming:
+        layout.check_source_unchanged(
+            layout.recorded_tars(recorded),
+            plan.tar_shards,
+            src=src,
+            since=f"the cube at {dest} was made from it",
+            hint="append needs the cube's tars unchanged; restore the tar",
+            same_location=src == recorded.get("source"),
+        )
+        if n_new != n_old:
+            _check_prefix(plan, table, recorded, n_old)
+    with store_lock(dest, so) as token:
+        if n_new != n_old or resuming:
+            start = intent["from"] if resuming else n_old
+            store.write_json(dest, store.APPEND_FILE, {"from": start, "to": n_new, "source": src}, so)
+            _extend_store(plan, table, n_old=start)
+        done = layout.prepare_store(plan, table, overwrite=False)
+        run_tasks(
+            [t for t in plan.tasks if t.index not in done],
+            src=src,
+            dest=dest,
+            options=plan.options,
+            rejected_rows=layout.rejected_rows_by_task(plan),
+            lock_token=token,
+            storage_options=so,
+            client=client,
+            workers=workers,
+            progress=progress,
+            total=len(plan.tasks),
+            desc="append",
+        )
+        layout.finalize(plan)
+        store.remove(dest, store.APPEND_FILE, so)
+    return open_cube(dest, storage_options=so)
+
+
+def _check_prefix(plan: ConversionPlan, table: pa.Table, recorded: dict, n_old: int) -> None:
+    """The cube's samples must be the first ``n_old`` of the grown release, unchanged."""
+    src, dest, so = plan.source, plan.dest, plan.storage_options
+    group = store.open_group(dest, so, use_consolidated=False)
+    old_keys = group[schema.SAMPLE_DIM][:].tolist()
+    if plan.n_samples < n_old or list(plan.sample_keys[:n_old]) != old_keys:
+        raise StoreExistsError(
+            f"{dest}: the cube's {n_old:,} samples are not the first samples of {src} in"
+            " release order; append only adds shards after the cube's last one"
+        )
+    recorded_schema = meta.schema_from_text(recorded["metadata_schema"])
+    if recorded_schema.remove_metadata() != table.schema.remove_metadata():
+        raise MetadataError(
+            f"{src}: metadata.parquet columns or types differ from the"
+            " cube's; append needs the same table layout"
+        )
+    if not metadata_table(open_cube(dest, storage_options=so)).equals(
+        table.slice(0, n_old).to_pandas()
+    ):
+        raise StoreExistsError(
+            f"{dest}: the metadata of the cube's {n_old:,} samples differs from the first"
+            f" {n_old:,} rows of {src}; append only adds shards after the cube's last one"
+        )
+
+
+def _extend_store(plan: ConversionPlan, table: pa.Table, *, n_old: int) -> None:
+    """Resize every ``sample`` array, rewrite the 1-D coordinates, update provenance."""
+    dest, so, n = plan.dest, plan.storage_options, plan.n_samples
+    group = store.open_group(dest, so, mode="r+", use_consolidated=False)
+    for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]:
+        array = group[name]
+        array.resize((n, *array.shape[1:]))  # type: ignore[union-attr]
+    fault_point("after-resize")
+    ds, encoding = layout.skeleton(plan, table)
+    coords = [c for c in ds.coords if c not in schema.LABELS]
+    for name in coords:
+        if name in group:
+            del group[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds[coords].drop_vars(list(schema.LABELS), errors="ignore").to_zarr(
+            store.zarr_store(dest, so),
+            mode="a",
+            zarr_format=3,
+            consolidated=False,
+            encoding={c: encoding[c] for c in coords},
+        )
+    # The partial last shard gets new samples: its single task rewrites it whole.
+    shard = plan.options.shard
+    if n_old % shard:
+        store.remove(dest, store.task_record_path(n_old // shard), so)
+    attrs = dict(group.attrs)
+    new = store.read_provenance(ds.attrs)
+    attrs[store.PROVENANCE_ATTR] = json.dumps(
+        {
+            **store.read_provenance(attrs),
+            "n_samples": n,
+            "source": plan.source,
+            "tar_shards": new["tar_shards"],
+            "webdataset_summary": new["webdataset_summary"],
+        }
+    )
+    history = f"{attrs.get('history', '')}\n{ds.attrs['history']}"
+    attrs["history"] = f"{history} (append {n_old:,} -> {n:,} samples)".strip()
+    group.attrs.put(attrs)

@@ -1,0 +1,353 @@
+"""The store's layout and provenance: the skeleton every task writes into.
+
+:func:`prepare_store` writes the skeleton once (all arrays, coordinates and
+attributes, no data chunks) and, on a rerun, checks that the cube it finds was
+made with the same options from the same, unchanged source; :func:`finalize`
+writes the rejection report and consolidates the metadata at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import xarray as xr
+
+from . import __version__, schema, source, store
+from . import metadata as meta
+from .errors import NotACubeError, SourceChangedError, StoreExistsError
+from .faults import fault_point
+from .plan import ConversionPlan, ConvertOptions, TarShard
+
+# ---------------------------------------------------------------------------- skeleton
+
+
+def compressors(options: ConvertOptions) -> list:
+    """Zarr v3 core codecs only, so tensorstore and other readers open every array."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if options.codec == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=options.clevel, shuffle="bitshuffle")]
+    if options.codec == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=options.clevel, shuffle="bitshuffle")]
+    if options.codec == "zstd":
+        return [ZstdCodec(level=options.clevel)]
+    return []
+
+
+def skeleton(plan: ConversionPlan, table: pa.Table) -> tuple[xr.Dataset, dict]:
+    """The cube as a lazy Dataset (data never computed) plus its Zarr encoding."""
+    n, o = plan.n_samples, plan.options
+    # The configured shard even when the cube is smaller: tasks build shard objects
+    # of exactly this size, and append can grow the cube into it.
+    shard, inner = o.shard, o.inner_chunk
+    coords: dict[str, Any] = {
+        schema.SAMPLE_DIM: (
+            schema.SAMPLE_DIM,
+            np.array(plan.sample_keys, dtype=object),
+            {"long_name": "WebDataset sample key"},
+        ),
+    }
+    coords.update({d: (d, v, schema.LABEL_ATTRS[d]) for d, v in schema.LABELS.items()})
+    encoding: dict[str, dict] = {schema.SAMPLE_DIM: {"chunks": (max(n, 1),)}}
+    reserved = {*coords, *schema.VARIABLES, schema.STATUS, schema.RTC_PRESENT}
+    for name, (values, attrs) in meta.encode_table(table).items():
+        coord = f"metadata_{name}" if name in reserved else name
+        coords[coord] = (schema.SAMPLE_DIM, values, {**attrs, "nasar_column": name})
+        enc: dict[str, Any] = {"chunks": (max(n, 1),)}
+        if attrs[meta.ENCODING_ATTR] == "timestamp":
+            unit = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}[
+                np.datetime_data(values.dtype)[0]
+            ]
+            enc.update(units=f"{unit} since 1970-01-01", dtype="int64")
+        elif values.dtype.kind == "f":
+            enc["_FillValue"] = np.nan
+        encoding[coord] = enc
+    ds = xr.Dataset(coords=coords)
+    data_enc = {"chunks": None, "shards": None, "compressors": compressors(o)}
+    for spec in schema.DATA_VARIABLES:
+        shape = (n, *spec.sample_shape)
+        ds[spec.name] = (
+            spec.dims,
+            da.empty(shape, chunks=(shard, *spec.sample_shape), dtype=spec.dtype),
+            spec.attrs,
+        )
+        encoding[spec.name] = {
+            **data_enc,
+            "chunks": (inner, *spec.sample_shape),
+            "shards": (shard, *spec.sample_shape),
+            "_FillValue": np.nan,
+        }
+    present_shape = (n, *(schema.DIM_SIZES[d] for d in schema.RTC_PRESENT_DIMS[1:]))
+    ds[schema.RTC_PRESENT] = (
+        schema.RTC_PRESENT_DIMS,
+        da.zeros(present_shape, chunks=(shard, 2, 2, 2), dtype=bool),
+        schema.RTC_PRESENT_ATTRS,
+    )
+    encoding[schema.RTC_PRESENT] = {"chunks": (shard, 2, 2, 2), "_FillValue": None}
+    ds[schema.STATUS] = (
+        (schema.SAMPLE_DIM,),
+        da.zeros((n,), chunks=shard, dtype="uint8"),
+        schema.STATUS_ATTRS,
+    )
+    encoding[schema.STATUS] = {"chunks": (shard,), "_FillValue": None}
+    ds.attrs = provenance(plan, table)
+    return ds, encoding
+
+
+def provenance(plan: ConversionPlan, table: pa.Table) -> dict[str, Any]:
+    """Root attributes: CF globals plus the converter's record, as a JSON string."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    codec = plan.options.codec
+    record = {
+        "version": __version__,
+        "created": now,
+        "layout": plan.options.layout(),
+        "codec_detail": f"{codec} (bitshuffle)" if codec.startswith("blosc") else codec,
+        "source": plan.source,
+        "webdataset_summary": dict(plan.summary),
+        "tar_shards": [_tar_record(t) for t in plan.tar_shards],
+        "n_samples": plan.n_samples,
+        "metadata_schema": meta.schema_to_text(table.schema),
+    }
+    return {
+        "title": "NA-SAR: North America SAR pretraining corpus (Zarr cube)",
+        "source": f"NA-SAR WebDataset release at {plan.source}",
+        "Conventions": "CF-1.11",
+        "history": f"{now}: converted by nasar-zarr {__version__}",
+        store.PROVENANCE_ATTR: json.dumps(record),
+    }
+
+
+def _tar_record(tar: TarShard) -> dict[str, Any]:
+    return {k: v for k, v in vars(tar).items() if v is not None}
+
+
+def recorded_tars(recorded: Mapping[str, Any]) -> list[TarShard]:
+    """The source tars a cube's provenance lists (older cubes record no mtime/ETag)."""
+    return [TarShard(**t) for t in recorded.get("tar_shards", [])]
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def read_recorded(dest: str, storage_options: Mapping[str, Any] | None = None) -> dict | None:
+    """The provenance of the complete cube at ``dest``, or None if there is none."""
+    if store.read_json(dest, store.SKELETON_FILE, storage_options) is None:
+        return None
+    attrs = _root_attrs(dest, storage_options)
+    return None if attrs is None else store.read_provenance(attrs)
+
+
+def require_cube(dest: str, storage_options: Mapping[str, Any] | None = None) -> dict:
+    """The provenance of the cube at ``dest``; a clear error if there is no cube there."""
+    fs, root = store.filesystem(dest, storage_options)
+    if not fs.exists(root):
+        raise NotACubeError(f"{dest}: no such file or directory")
+    attrs = _root_attrs(dest, storage_options)
+    recorded = None if attrs is None else store.read_provenance(attrs)
+    if not recorded:
+        raise NotACubeError(
+            f"{dest}: not a nasar-zarr cube (no Zarr v3 group with {store.PROVENANCE_ATTR!r}"
+            " provenance); make one with `nasar-zarr convert SRC DEST`"
+        )
+    return recorded
+
+
+def check_destination(plan: ConversionPlan, *, overwrite: bool) -> set[int] | None:
+    """Check ``plan.dest`` before anything is written (and before the plan is printed).
+
+    Returns the finished tasks of a cube this plan resumes, or None when the
+    store is to be written from scratch.
+
+    Raises
+    ------
+    StoreExistsError
+        The destination holds something else: another cube (without
+        ``overwrite``), or content that is not a cube (always).
+    SourceChangedError
+        A tar the existing cube was made from has changed since.
+    PermissionError
+        A local destination that cannot be written.
+    """
+    dest, so = plan.dest, plan.storage_options
+    if not source.is_remote(dest):
+        _check_writable(dest)
+    recorded = read_recorded(dest, so)
+    if recorded is not None and not overwrite:
+        if _planned(plan) != {k: recorded.get(k) for k in _planned(plan)}:
+            raise StoreExistsError(
+                f"{dest} already holds a cube made with different options"
+                f" ({_describe(recorded)}; now {_describe(_planned(plan))});"
+                " pass --overwrite to replace it, or convert into a new destination"
+            )
+        check_source_unchanged(
+            recorded_tars(recorded),
+            plan.tar_shards,
+            src=plan.source,
+            since=f"the cube at {dest} was made from it",
+        )
+        return store.finished_tasks(dest, so)
+    if recorded is None and _has_content(dest, so) and not _is_our_leftover(dest, so):
+        raise StoreExistsError(
+            f"{dest} exists and is not a nasar-zarr cube; refusing to write into it"
+            " (choose an empty or new destination)"
+        )
+    return None
+
+
+def check_source_unchanged(
+    recorded: Sequence[TarShard],
+    current: Sequence[TarShard],
+    *,
+    src: str,
+    since: str,
+    hint: str = "restore the tar, or convert into a new destination (or --overwrite)",
+    same_location: bool = True,
+) -> None:
+    """Refuse when a tar that holds samples differs from what was recorded ``since``.
+
+    ``since`` completes the message, e.g. "the cube at DEST was made from it".
+    A release read from another location (a copy, a mirror) has other
+    modification times and ETags for the same bytes: there only sizes are compared.
+    """
+    seen = {t.path: t for t in current}
+    for old in recorded:
+        new = seen.get(old.path)
+        if new is None:
+            difference = "no longer exists" if old.samples else None
+        elif same_location:
+            difference = old.differs_from(new)
+        else:
+            difference = TarShard(old.path, old.size, 0).differs_from(new)
+        if difference:
+            raise SourceChangedError(
+                f"{source.join(src, old.path)}: changed since {since} ({difference}); {hint}"
+            )
+
+
+def _check_writable(dest: str) -> None:
+    path = dest.split("://", 1)[1] if dest.startswith("file://") else dest
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise StoreExistsError(f"{dest}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{dest}: permission denied (cannot write in {probe})")
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> set[int]:
+    """Create the store, or check that the existing one matches; returns finished tasks.
+
+    The caller holds the store lock.
+    """
+    dest, so = plan.dest, plan.storage_options
+    done = check_destination(plan, overwrite=overwrite)
+    if done is not None:
+        return done
+    # A skeleton without its marker was interrupted while being written: redo it.
+    _clear(dest, so)
+    ds, encoding = skeleton(plan, table)
+    fault_point("skeleton")
+    # mode "a" on the cleared store: mode "w" would also delete the lock this run holds.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.to_zarr(
+            store.zarr_store(dest, so),
+            mode="a",
+            compute=False,
+            zarr_format=3,
+            encoding=encoding,
+            consolidated=False,
+        )
+    created = store.read_provenance(ds.attrs)["created"]
+    store.write_json(dest, store.SKELETON_FILE, {"created": created}, so)
+    return set()
+
+
+def finalize(plan: ConversionPlan) -> None:
+    """Write the rejection report (plan + tasks) and consolidate the metadata."""
+    so = plan.storage_options
+    records = store.task_records(plan.dest, so)
+    report = [
+        {"shard": r.shard, "key": r.key, "reason": r.reason, "row": r.row} for r in plan.rejected
+    ] + [rej for rec in records for rej in rec["rejections"]]
+    nonfinite = [nf for rec in records for nf in rec["nonfinite"]]
+    store.write_json(
+        plan.dest, store.REJECTIONS_FILE, {"rejected": report, "nonfinite": nonfinite}, so
+    )
+    fault_point("before-consolidate")
+    store.consolidate(plan.dest, so)
+
+
+def rejected_rows_by_task(plan: ConversionPlan) -> dict[int, list[int]]:
+    """Cube rows rejected at planning, grouped by the task (Zarr shard) that holds them."""
+    rows: dict[int, list[int]] = {}
+    for r in plan.rejected:
+        if r.row is not None:
+            rows.setdefault(r.row // plan.options.shard, []).append(r.row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _clear(dest: str, so: Mapping[str, Any] | None) -> None:
+    """Remove everything in the store but the lock (which this run holds)."""
+    fs, root = store.filesystem(dest, so)
+    lock = f"{root}/{store.LOCK_FILE}"
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return
+    for path in found:
+        if path != lock:
+            fs.rm_file(path)
+
+
+def _is_our_leftover(dest: str, so: Mapping[str, Any] | None) -> bool:
+    """An interrupted skeleton or bookkeeping only: safe to clear."""
+    attrs = _root_attrs(dest, so)
+    if attrs is not None and store.PROVENANCE_ATTR in attrs:
+        return True
+    fs, root = store.filesystem(dest, so)
+    return all(p[len(root) + 1 :].startswith(store.INTERNAL_PREFIX) for p in fs.find(root))
+
+
+def _planned(plan: ConversionPlan) -> dict[str, Any]:
+    return {"layout": plan.options.layout(), "n_samples": plan.n_samples, "source": plan.source}
+
+
+def _describe(recorded: Mapping[str, Any]) -> str:
+    layout = recorded.get("layout", {})
+    parts = [f"{k}={v}" for k, v in layout.items()]
+    parts.append(f"samples={recorded.get('n_samples')}")
+    parts.append(f"source={recorded.get('source')}")
+    return ", ".join(parts)
+
+
+def _root_attrs(dest: str, so: Mapping[str, Any] | None) -> dict | None:
+    doc = store.read_json(dest, "zarr.json", so)
+    return None if doc is None else doc.get("attributes", {})
+
+
+def _has_content(dest: str, so: Mapping[str, Any] | None) -> bool:
+    fs, root = store.filesystem(dest, so)
+    try:
+        return bool(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,233 @@
+"""The shard task: read one Zarr shard's samples, write its objects once, record it.
+
+A task is a pure function of its arguments plus I/O: it allocates its own
+buffers, changes no process-wide setting and keeps nothing after it returns, so
+any number of tasks can run on the threads of one worker (``dask worker``
+starts several) or in separate processes. blosc compresses on one thread when
+called off the main thread (numcodecs' context API), so one task per core never
+oversubscribes the cores; in-process runs (main thread) use blosc's threads.
+
+Order of writes, which is what makes a killed run safe to rerun: the Zarr shard
+of every data variable, then ``rtc_present``, then ``status``, then the task
+record ``_nasar/tasks/NNNNNN.json`` (counts, rejections, checksums). A task
+without a record is rewritten whole on the next run; a task with a record is
+never touched again.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import schema, sharding, source, store
+from .errors import SourceError, StoreLockedError
+from .faults import fault_point
+from .plan import ConvertOptions, ShardTask
+from .runner import run_calls
+
+
+def run_task(
+    task: ShardTask,
+    *,
+    src: str,
+    dest: str,
+    options: ConvertOptions,
+    rejected_rows: Iterable[int] = (),
+    lock_token: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Read a task's samples, write its Zarr shard of every variable once, record it.
+
+    Samples are compressed one inner chunk at a time as they are read (see
+    :mod:`nasar_zarr.sharding`): the task holds compressed bytes, not raw buffers.
+    ``lock_token`` is the token of the run that submitted the task: a task that
+    finds another token in the store's lock (its run was interrupted and another
+    took over) writes nothing.
+    """
+    n, k = task.n_samples, options.inner_chunk
+    status = np.zeros(n, dtype="uint8")
+    present = np.zeros(
+        (n, *(schema.DIM_SIZES[d] for d in schema.RTC_PRESENT_DIMS[1:])), dtype=bool
+    )
+    rejections: list[dict] = []
+    nonfinite: list[dict] = []
+    encode = sharding.inner_encoder(options.codec, options.clevel)
+    chunk = schema.empty_batch(k)  # this task's own buffers: one inner chunk
+    pieces: dict[str, list[bytes]] = {name: [] for name in schema.VARIABLES}
+    samples = task_samples(
+        task, src=src, max_member_bytes=options.max_member_bytes, storage_options=storage_options
+    )
+    pending = next(samples, None)
+    for chunk_start in range(task.start, task.start + -(-n // k) * k, k):
+        for j in range(k):
+            row = chunk_start + j
+            if pending is None or pending[0] != row:  # rejected at planning, or past the end
+                _set_row(chunk, j, np.nan)
+                continue
+            _, shard_path, key, arrays = pending
+            pending = next(samples, None)
+            if isinstance(arrays, SourceError):
+                if options.on_error == "raise":
+                    raise arrays
+                rejections.append(
+                    {"shard": shard_path, "key": key, "reason": arrays.reason, "row": row}
+                )
+                _set_row(chunk, j, np.nan)
+                continue
+            schema.fill_batch(chunk, j, arrays)
+            counts = source.nonfinite_counts(arrays)
+            if counts:
+                nonfinite.append(
+                    {"shard": shard_path, "key": key, "row": row, "nonfinite_values": counts}
+                )
+            status[row - task.start] = schema.STATUS_WRITTEN
+            present[row - task.start] = schema.rtc_present(chunk["rtc"][j])
+        for name, values in chunk.items():
+            pieces[name].append(encode(values))
+    for row in rejected_rows:
+        status[row - task.start] = schema.STATUS_REJECTED
+    for r in rejections:
+        status[r["row"] - task.start] = schema.STATUS_REJECTED
+
+    if lock_token is not None:
+        _check_lock(dest, lock_token, storage_options)
+    checksums: dict[str, int | None] = {}
+    group = store.open_group(
+        dest,
+        storage_options,
+        mode="r+",
+        use_consolidated=False,
+        wrap=lambda s: store.ChecksumStore(s, checksums),
+    )
+    for name in schema.VARIABLES:
+        key = chunk_object(group[name], task.index)
+        checksums[key] = write_shard(dest, key, pieces.pop(name), options, storage_options)
+        fault_point(f"after-{name}")
+    region = slice(task.start, task.stop)
+    group[schema.RTC_PRESENT][region] = present
+    group[schema.STATUS][region] = status
+    fault_point("after-status")
+    # An object Zarr did not write holds only fill values (no object): None.
+    checksums = {
+        key: checksums.get(key)
+        for key in (
+            chunk_object(group[name], task.index)
+            for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]
+        )
+    }
+    record = {
+        "index": task.index,
+        "start": task.start,
+        "stop": task.stop,
+        "written": int((status == schema.STATUS_WRITTEN).sum()),
+        "rejected": int((status == schema.STATUS_REJECTED).sum()),
+        "rejections": rejections,
+        "nonfinite": nonfinite,
+        "crc32": checksums,
+    }
+    store.write_json(dest, store.task_record_path(task.index), record, storage_options)
+    fault_point("after-record")
+    return record
+
+
+def run_tasks(
+    tasks: Iterable[ShardTask],
+    *,
+    src: str,
+    dest: str,
+    options: ConvertOptions,
+    rejected_rows: Mapping[int, list[int]],
+    lock_token: str | None,
+    storage_options: Mapping[str, Any] | None,
+    client: Any = None,
+    workers: int | None = None,
+    progress: bool = False,
+    total: int | None = None,
+    desc: str = "convert",
+) -> list[dict[str, Any]]:
+    """Run :func:`run_task` for each task on the runner; returns the records."""
+    kwargs = {
+        "src": src,
+        "dest": dest,
+        "options": options,
+        "lock_token": lock_token,
+        "storage_options": dict(storage_options or {}),
+    }
+    calls = [((t,), {**kwargs, "rejected_rows": rejected_rows.get(t.index, [])}) for t in tasks]
+    total = len(calls) if total is None else total
+    return list(
+        run_calls(
+            run_task,
+            calls,
+            client=client,
+            workers=workers,
+            progress=progress,
+            total=total,
+            initial=total - len(calls),
+            desc=desc,
+        )
+    )
+
+
+def task_samples(
+    task: ShardTask,
+    *,
+    src: str,
+    max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[int, str, str, dict[str, np.ndarray] | SourceError]]:
+    """``(row, shard_path, key, arrays | error)`` for the task's samples, rows ascending."""
+    for span in task.spans:
+        samples = source.read_samples(
+            source.join(src, span.shard_path),
+            span.entries,
+            shard=span.shard_path,
+            storage_options=storage_options,
+            max_member_bytes=max_member_bytes,
+        )
+        for row, (key, arrays) in zip(span.rows, samples, strict=True):
+            yield row, span.shard_path, key, arrays
+
+
+def write_shard(
+    dest: str,
+    key: str,
+    pieces: list[bytes],
+    options: ConvertOptions,
+    storage_options: Mapping[str, Any] | None,
+) -> int:
+    """Write one shard object (inner chunks + index) in one piece; returns its CRC-32."""
+    index = sharding.shard_index([len(p) for p in pieces], options.shard // options.inner_chunk)
+    fs, root = store.filesystem(dest, storage_options)
+    path = f"{root}/{key}"
+    if not source.is_remote(dest):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    crc = 0
+    with fs.open(path, "wb") as f:
+        for piece in [*pieces, index]:
+            f.write(piece)
+            crc = zlib.crc32(piece, crc)
+    return crc
+
+
+def chunk_object(array: Any, shard_index: int) -> str:
+    """Store key of the object holding Zarr shard ``shard_index`` of ``array``."""
+    coords = (shard_index,) + (0,) * (array.ndim - 1)
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def _set_row(chunk: Mapping[str, np.ndarray], j: int, value: float) -> None:
+    for values in chunk.values():
+        values[j] = value
+
+
+def _check_lock(dest: str, token: str, storage_options: Mapping[str, Any] | None) -> None:
+    held = store.read_json(dest, store.LOCK_FILE, storage_options)
+    if not held or held.get("token") != token:
+        raise StoreLockedError(
+            f"{dest}: this task's conversion no longer holds the store's lock (it was"
+            " interrupted or another run took over); nothing was written by this task"
+        )
