@@ -5,12 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo-output
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick clean chromium viewer
 
 $(BIN)/nasar-zarr: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,s3,notebooks]'
+	# CPU-only PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet 'torch==2.13.0'
+	$(BIN)/pip install --quiet -e '.[test,s3,notebooks,torch]'
 	touch $@
 
 # Synthetic corpus (3 tar shards x 40 samples) -> Zarr v3 cube, then describe it.
@@ -20,7 +22,7 @@ demo: $(BIN)/nasar-zarr
 	$(BIN)/nasar-zarr convert $(DEMO)/corpus $(DEMO)/nasar.zarr --shard 32 --workers 2
 	$(BIN)/nasar-zarr info $(DEMO)/nasar.zarr
 
-test: $(BIN)/nasar-zarr
+test: $(BIN)/nasar-zarr chromium
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/nasar-zarr
@@ -31,6 +33,14 @@ bench-quick: $(BIN)/nasar-zarr
 
 bench: $(BIN)/nasar-zarr
 	$(BIN)/python benchmarks/run.py
+
+# Headless Chromium for the viewer's browser tests (Debian's package; we run as root).
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
+# Rebuild the viewer's committed bundle from viewer/src (needs node/npm; pip install does not).
+viewer:
+	cd viewer && npm ci && npm run build
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -949,7 +949,7 @@ def graph_alternatives_1m(path: Path) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         raw = xr.open_zarr(nstore.zarr_store(str(path), read_only=True), chunks=None,
                            zarr_format=3)
-    shard = ds.attrs["nasar_zarr"]["layout"]["shard"]
+    shard = nstore.read_provenance(ds.attrs)["layout"]["shard"]
     for target_mb in (256, 512):
         sizes = {}
         for name, var in raw.data_vars.items():
@@ -961,4 +961,105 @@ def graph_alternatives_1m(path: Path) -> dict[str, Any]:
         with dask.config.set(split_every={0: 32}):
             out[f"per-variable chunks of ~{target_mb} MB (whole shards), split_every={{0: 32}}"] = {
                 **count(alt.mean()), "samples_per_chunk": sizes}
+    return out
+
+
+# ---------------------------------------------------------------------------- PyTorch loaders
+
+
+def release_loader_item(sample: dict[str, Any]) -> dict[str, Any]:
+    """The release InSAR loader's pattern for one WebDataset sample: npz decode, the card's
+    transforms (the same numpy kernels as ``nasar_zarr.normalize``), torch tensors."""
+    import torch
+
+    from nasar_zarr import normalize as nn
+
+    arrays = _load_npz(sample["npz"])
+    low = np.array([r[0] for r in nn.RTC_RANGES.values()], np.float32)[:, None, None]
+    high = np.array([r[1] for r in nn.RTC_RANGES.values()], np.float32)[:, None, None]
+    out = {}
+    for view in (0, 1):
+        for t in ("prime", "secondary"):
+            x = arrays[f"{t}_rtc_view_{view}"]
+            present = x.any(axis=(1, 2))[:, None, None]
+            out[f"{t}_rtc_view_{view}"] = nn.rtc_kernel(x, present, low, high,
+                                                        gain=np.float32(nn.RTC_GAIN))
+        for name in ("inc_angle", "ifg", "coh"):
+            out[f"{name}_view_{view}"] = arrays[f"{name}_view_{view}"]
+    dem, slope = arrays["dem"], arrays["slope_deg"]
+    derived = {
+        "dem": nn.clip_and_rescale(dem, *map(np.float32, nn.DEM_RANGE)),
+        "dem_relief": nn.relief_kernel(dem, percentiles=nn.RELIEF_PERCENTILES),
+        "slope": nn.clip_and_rescale(slope, *map(np.float32, nn.SLOPE_RANGE)),
+    }
+    for name, values in derived.items():
+        for view in (0, 1):
+            out[f"{name}_view_{view}"] = values
+    item = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in out.items()}
+    item["sample_key"] = sample["__key__"]
+    return item
+
+
+def release_wds_dataset(urls: Sequence[Path]):
+    """WebDataset over the tars in streaming order, one tar per worker at a time."""
+    import webdataset as wds
+
+    return wds.WebDataset([str(u) for u in urls], shardshuffle=False,
+                          empty_check=False).map(release_loader_item)
+
+
+def torch_loaders(corpus: Path, store: Path, *, batch_size: int = 64, num_workers: int = 2,
+                  epochs: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Samples/s of PyTorch DataLoaders (``batch_size``, ``num_workers``) over one corpus.
+
+    - ``loader_sps``: ``nasar_zarr.torch.InSARDataset`` with ``ShardAwareSampler``.
+    - ``loader_random_sps``: the same dataset with ``RandomSampler`` (fully random order).
+    - ``wds_loader_sps``: the release loader's pattern (WebDataset over the tars, npz decode,
+      the card's transforms per sample with the same numpy kernels, streaming order).
+
+    Every loader uses the same worker start method (``nasar_zarr.torch.safe_start_method``)
+    and persistent workers; one untimed epoch starts the workers, then ``epochs`` epochs are
+    timed, interleaved across loaders, and the fastest counts. Every epoch must deliver
+    every sample once.
+    """
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from nasar_zarr.torch import InSARDataset, ShardAwareSampler, dataloader
+
+    ds = InSARDataset(str(store))
+    n = len(ds)
+    sampler = ShardAwareSampler(ds, seed=seed)
+    common = {"batch_size": batch_size, "num_workers": num_workers}
+    loaders = {
+        "loader": dataloader(ds, sampler=sampler, **common),
+        "loader_random": dataloader(
+            ds, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(seed)),
+            **common),
+    }
+    context = loaders["loader"].multiprocessing_context
+    loaders["wds_loader"] = DataLoader(release_wds_dataset(tar_paths(corpus)),
+                                       multiprocessing_context=context,
+                                       persistent_workers=True, **common)
+    best: dict[str, float] = {}
+    startup: dict[str, float] = {}
+    for epoch in range(epochs + 1):
+        sampler.set_epoch(epoch)
+        for name, loader in loaders.items():
+            t = now()
+            count = sum(len(batch["sample_key"]) for batch in loader)
+            seconds = now() - t
+            if count != n:
+                raise RuntimeError(f"{name} delivered {count} samples, expected {n}")
+            if epoch == 0:
+                startup[name] = round(seconds, 3)
+            else:
+                best[name] = min(best.get(name, float("inf")), seconds)
+    out: dict[str, Any] = {f"{name}_sps": round(n / s, 1) for name, s in best.items()}
+    out["loader_over_wds_loader"] = round(best["wds_loader"] / best["loader"], 3)
+    out["loader_random_over_wds_loader"] = round(best["wds_loader"] / best["loader_random"], 3)
+    out["loader_first_epoch_s"] = startup
+    out["loader_setup"] = {"samples": n, "batch_size": batch_size, "num_workers": num_workers,
+                           "timed_epochs": epochs, "start_method": context.get_start_method(),
+                           "inner_chunk": ds.inner_chunk, "shard": ds.shard_size}
     return out

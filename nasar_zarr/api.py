@@ -15,6 +15,7 @@ from typing import Any
 import xarray as xr
 
 from . import corpus, layout, schema, source
+from .columns import recognise
 from .append import append_plan
 from .errors import NotACubeError
 from .execute import execute
@@ -34,6 +35,7 @@ def plan_conversion(
     max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES,
     storage_options: Mapping[str, Any] | None = None,
     index_threads: int = 8,
+    columns: Mapping[str, str] | None = None,
 ) -> ConversionPlan:
     """Plan the conversion of the corpus at ``src`` into a cube at ``dest``.
 
@@ -57,6 +59,10 @@ def plan_conversion(
         fsspec options for both ``src`` and ``dest`` (e.g. ``endpoint_url``).
     index_threads
         Tars indexed at once.
+    columns
+        Metadata columns for the roles ``lat``, ``lon``, ``footprint``, ``time``,
+        ``secondary_time`` (and the others of :class:`nasar_zarr.columns.ColumnRoles`)
+        where recognition by name would not find them; they get CF attributes.
 
     Returns
     -------
@@ -84,8 +90,10 @@ def plan_conversion(
         clevel=clevel,
         on_error=on_error,
         max_member_bytes=max_member_bytes,
+        columns=tuple(sorted((columns or {}).items())),
     )
     table = corpus.read_metadata(src, storage_options)
+    recognise(table.column_names, **dict(options.columns))  # a wrong name fails here
     summary = corpus.read_summary(src, storage_options)
     keys = table.column(schema.KEY_COLUMN).to_pylist()
     shard_of_row = table.column(schema.SHARD_PATH_COLUMN).to_pylist()

@@ -3,15 +3,18 @@
 ``catalogs/nasar.yaml`` (and what :func:`write_catalog` writes) is a classic
 intake YAML catalog that intake 2.0.x opens with :func:`intake.open_catalog`:
 
-- ``nasar``: the cube, opened lazily by intake-xarray's ``zarr`` driver with
-  dask chunks of one Zarr shard along ``sample``. The entry names two drivers,
-  ``nasar_zarr.catalog.NasarZarrSource`` then ``zarr``; intake uses the first
-  one it can import. :class:`NasarZarrSource` *is* intake-xarray's
-  ``ZarrSource`` with one fix: in intake-xarray 2.0.0 calling a source returns
-  it unchanged, so ``cat["nasar"](url=...)`` would silently ignore ``url``;
-  here the call goes back to the catalog entry, as intake's own sources do.
-  Without nasar_zarr installed the plain ``zarr`` driver still opens the
-  default store.
+- ``nasar``: the cube, opened by :func:`nasar_zarr.open_cube` (dask chunks of
+  whole Zarr shards, every variable alike, the fast local reader). The entry
+  names two drivers, ``nasar_zarr.catalog.NasarZarrSource`` then ``zarr``;
+  intake uses the first one it can import. :class:`NasarZarrSource` is
+  intake-xarray's ``ZarrSource`` whose ``to_dask`` is ``open_cube`` and whose
+  call goes back to the catalog entry (in intake-xarray 2.0.0 calling a source
+  returns it unchanged, so ``cat["nasar"](url=...)`` would silently ignore
+  ``url``). Without nasar_zarr installed the plain ``zarr`` driver still opens
+  the default store (numpy-backed, lazily).
+- ``url`` and ``metadata_url`` are jinja template variables of the entries, not
+  declared intake parameters: intake 2.0.x warns ("Shell command not executed")
+  twice for every string parameter each time an entry is opened.
 - ``nasar_metadata``: the metadata table as a pandas DataFrame, through
   :class:`NasarMetadataSource`. No parquet driver ships with intake 2.0.x
   (intake-parquet is not installed), and the cube holds the table exactly, so
@@ -23,8 +26,8 @@ intake YAML catalog that intake 2.0.x opens with :func:`intake.open_catalog`:
 
 from __future__ import annotations
 
+import json
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,13 +63,24 @@ class NasarZarrSource(ZarrSource):
 
     get = __call__
 
+    def __init__(self, urlpath: str, storage_options: Mapping[str, Any] | None = None,
+                 metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(urlpath, storage_options=storage_options, metadata=metadata, **kwargs)
+        self._nasar_args = (urlpath, dict(storage_options or {}), dict(kwargs))
+
     def to_dask(self):
-        """The cube as a lazy, dask-backed :class:`xarray.Dataset`."""
-        with warnings.catch_warnings():
-            # The 1-D metadata coordinates are stored as one chunk each, so shard-sized
-            # dask chunks "separate the stored chunks"; harmless for a few small reads.
-            warnings.filterwarnings("ignore", "The specified chunks separate", UserWarning)
-            return super().to_dask()
+        """The cube as :func:`nasar_zarr.open_cube` opens it (lazy, dask, fast reads).
+
+        Returns
+        -------
+        xarray.Dataset
+            Dask chunks of whole Zarr shards, every variable chunked alike.
+        """
+        from .cube import open_cube
+
+        urlpath, storage_options, kwargs = self._nasar_args
+        kwargs.pop("consolidated", None)  # open_cube reads the consolidated metadata anyway
+        return open_cube(urlpath, storage_options=storage_options or None, **kwargs)
 
     read_chunked = to_dask
 
@@ -76,11 +90,12 @@ class NasarMetadataSource(DataSource):
 
     Parameters
     ----------
-    url
-        The cube (local path or fsspec URL).
-    metadata_url
+    urlpath
+        The cube (local path or fsspec URL); the catalog's ``url``.
+    parquet_url
         Optional ``metadata.parquet`` to read instead of rebuilding the table
-        from the cube's coordinates; empty or None for the cube.
+        from the cube's coordinates; empty or None for the cube. The catalog's
+        ``metadata_url``.
     storage_options
         fsspec options for both.
     metadata
@@ -92,12 +107,12 @@ class NasarMetadataSource(DataSource):
     version = "0.1.0"
     partition_access = False
 
-    def __init__(self, url: str, metadata_url: str | None = None,
+    def __init__(self, urlpath: str, parquet_url: str | None = None,
                  storage_options: Mapping[str, Any] | None = None,
                  metadata: Mapping[str, Any] | None = None) -> None:
         super().__init__(storage_options=dict(storage_options or {}), metadata=metadata)
-        self.url = url
-        self.metadata_url = metadata_url or None
+        self.url = urlpath
+        self.metadata_url = parquet_url or None
         self._table: pd.DataFrame | None = None
 
     def _read_table(self) -> pd.DataFrame:
@@ -155,8 +170,7 @@ def store_shard_size(store_url: str, *, storage_options: Mapping[str, Any] | Non
     int
         The recorded shard size, else the ``sample`` chunk of the ``rtc`` array.
     """
-    from .cube import ATTRS_KEY
-    from .store import open_group
+    from .store import PROVENANCE_ATTR, open_group, read_provenance
 
     try:
         group = open_group(store_url, storage_options)
@@ -165,13 +179,13 @@ def store_shard_size(store_url: str, *, storage_options: Mapping[str, Any] | Non
             f"{store_url}: cannot open a Zarr v3 cube there ({exc}); pass the path or URL of a"
             " store written by `nasar-zarr convert`"
         ) from exc
-    layout = dict(group.attrs).get(ATTRS_KEY, {}).get("layout", {})
+    layout = read_provenance(group.attrs).get("layout", {})
     if layout.get("shard"):
         return int(layout["shard"])
     if "rtc" in group:
         arr = group["rtc"]
         return int((arr.shards or arr.chunks)[0])
-    raise StoreError(f"{store_url}: no {ATTRS_KEY!r} layout attributes and no 'rtc' array;"
+    raise StoreError(f"{store_url}: no {PROVENANCE_ATTR!r} layout attributes and no 'rtc' array;"
                      " is this a nasar-zarr cube?")
 
 
@@ -179,13 +193,33 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def catalog_spec(store_url: str, *, shard: int, metadata_url: str | None = None,
+def catalog_spec(store_url: str, *, shard: int | None = None, metadata_url: str | None = None,
                  description: str | None = None) -> dict[str, Any]:
-    """The catalog as a dict (what :func:`write_catalog` dumps to YAML)."""
-    def url_param() -> dict[str, str]:  # a fresh dict each time: no YAML anchors
-        return {"description": "Zarr v3 cube: local path or fsspec URL (s3://..., memory://...)",
-                "type": "str", "default": store_url}
+    """The catalog as a dict (what :func:`write_catalog` dumps to YAML).
 
+    ``url`` (and ``metadata_url``) are template variables, not declared intake
+    parameters: intake 2.0.x warns twice for every string parameter value each
+    time an entry is opened. ``cat["nasar"](url=...)`` still works.
+
+    Parameters
+    ----------
+    store_url
+        The default cube.
+    shard
+        Samples per Zarr shard, for the description only (None: not stated).
+    metadata_url
+        Default ``metadata_url`` of ``nasar_metadata`` (None: the cube).
+    description
+        Catalog description.
+
+    Returns
+    -------
+    dict
+        The YAML document.
+    """
+    url = "{{ url if url else %s }}" % json.dumps(store_url)
+    parquet = "{{ metadata_url if metadata_url else %s }}" % json.dumps(metadata_url or "")
+    chunks = f" ({shard} samples per shard)" if shard else ""
     return {
         "metadata": {
             "version": 1,
@@ -193,30 +227,17 @@ def catalog_spec(store_url: str, *, shard: int, metadata_url: str | None = None,
         },
         "sources": {
             "nasar": {
-                "description": "The NA-SAR cube, lazy, dask chunks of one Zarr shard"
-                               f" ({shard} samples) along sample.",
+                "description": "The NA-SAR cube, lazy, dask chunks of whole Zarr shards"
+                               f"{chunks} along sample, every variable alike. Pass"
+                               " url=... for another cube.",
                 "driver": ["nasar_zarr.catalog.NasarZarrSource", "zarr"],
-                "parameters": {"url": url_param()},
-                "args": {
-                    "urlpath": "{{ url }}",
-                    "chunks": {schema.SAMPLE_DIM: int(shard)},
-                    "consolidated": True,
-                },
+                "args": {"urlpath": url},
             },
             "nasar_metadata": {
                 "description": "The metadata table (one row per sample, release order),"
-                               " rebuilt from the cube or read from metadata_url.",
+                               " rebuilt from the cube or read from metadata_url=... .",
                 "driver": "nasar_zarr.catalog.NasarMetadataSource",
-                "parameters": {
-                    "url": url_param(),
-                    "metadata_url": {
-                        "description": "metadata.parquet to read instead of the cube's"
-                                       " coordinates (empty: use the cube)",
-                        "type": "str",
-                        "default": metadata_url or "",
-                    },
-                },
-                "args": {"url": "{{ url }}", "metadata_url": "{{ metadata_url }}"},
+                "args": {"urlpath": url, "parquet_url": parquet},
             },
         },
     }

@@ -1,7 +1,9 @@
 """The ``nasar-zarr`` command: thin, it parses, calls the library, maps errors to exit codes.
 
-Exit codes: 0 success, 1 verification found mismatches, 2 a library error
-(bad input, refused store, ...), printed as one line without a traceback.
+Exit codes: 0 success, 1 verification found mismatches, 2 any error (bad input,
+refused store, missing path or credentials, a bad option), printed as one line
+without a traceback (``--debug`` shows it), 130 interrupted (Ctrl-C; the store
+lock is released and a rerun resumes).
 """
 
 from __future__ import annotations
@@ -13,17 +15,47 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 from .errors import NasarZarrError
+from .plan import CODECS, ON_ERROR
+
+# fsspec protocols and the package (extra) each needs.
+_PROTOCOL_PACKAGES = {
+    "s3": ("s3fs", "pip install 'nasar-zarr[s3]'"),
+    "gs": ("gcsfs", "pip install gcsfs"),
+    "gcs": ("gcsfs", "pip install gcsfs"),
+    "hf": ("huggingface_hub", "pip install huggingface_hub"),
+    "http": ("aiohttp", "pip install aiohttp"),
+    "https": ("aiohttp", "pip install aiohttp"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit 2), like every other failure."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
+    return value
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage-options", metavar="JSON", type=json.loads, default=None,
+    p.add_argument("--storage-options", metavar="JSON", type=_json_object, default=None,
                    help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://..."}\'')
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nasar-zarr",
         description="Convert the NA-SAR WebDataset corpus into a Zarr v3 cube, and inspect it.",
+        epilog="Add --debug to any command to see the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -39,17 +71,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.add_argument("--inner-chunk", type=int, default=None, help="samples per inner chunk")
     p.add_argument("--shard", type=int, default=None, help="samples per Zarr shard (one task)")
-    p.add_argument("--codec", default=None, help="blosc-lz4 (default), blosc-zstd, zstd, none")
+    p.add_argument("--codec", default=None, choices=CODECS,
+                   help="blosc-lz4 (default), blosc-zstd, zstd, none")
     p.add_argument("--clevel", type=int, default=None)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--workers", type=int, default=None,
                        help="local worker processes (default: one per core; 0: in-process)")
     group.add_argument("--scheduler", default=None, help="address of a running dask scheduler")
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--on-error", choices=ON_ERROR, default="raise")
     p.add_argument("--max-member-mb", type=float, default=None,
                    help="size cap of one tar/npz member (default 64), against decompression bombs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store made with other options")
+    for role in ("lat", "lon", "footprint", "time", "secondary-time"):
+        p.add_argument(f"--{role}-column", metavar="NAME", default=None,
+                       help=f"metadata column holding the {role.replace('-', ' ')}"
+                            " (default: recognised by its usual spellings)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--plan-json", metavar="FILE", help="also write the plan as JSON")
     _add_storage(p)
@@ -60,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--workers", type=int, default=None)
     group.add_argument("--scheduler", default=None)
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--on-error", choices=ON_ERROR, default="raise")
     _add_storage(p)
 
     p = sub.add_parser("verify", help="check a cube against its source, or its checksums")
@@ -83,20 +120,70 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-url", default=None,
                    help="metadata.parquet for the nasar_metadata entry (default: the cube)")
     _add_storage(p)
+
+    p = sub.add_parser("stac", help="write a STAC collection.json and items.parquet for a cube")
+    p.add_argument("dest", help="the cube: local path or fsspec URL")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="directory for collection.json and items.parquet")
+    p.add_argument("--href", default=None,
+                   help="store URL the Zarr asset points to (default: DEST)")
+    _add_storage(p)
+
+    p = sub.add_parser("view", help="browse a cube in a web browser (static page, local server)")
+    p.add_argument("dest", nargs="?", help="the cube: local path (not needed with --export)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free)")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL")
+    p.add_argument("--sample", default=None, help="sample key to open first")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="copy the page's static files into DIR (to publish next to a cube)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return _COMMANDS[args.command](args)
-    except NasarZarrError as exc:
-        print(f"nasar-zarr {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"nasar-zarr {args.command}: interrupted; run it again to resume",
-              file=sys.stderr)
+        print(f"nasar-zarr {args.command}: interrupted; the store's lock is released, run the"
+              " same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"nasar-zarr {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong, on one line, with a hint where one helps."""
+    if isinstance(exc, NasarZarrError):
+        text = str(exc)
+    elif isinstance(exc, ImportError):
+        text = _missing_package(exc)
+    elif isinstance(exc, PermissionError):
+        text = (f"permission denied: {exc.filename} ({exc.strerror})" if exc.filename
+                else f"permission denied: {exc}")
+    elif isinstance(exc, FileNotFoundError):
+        where = exc.filename or str(exc)
+        text = f"no such file or directory: {where}"
+    elif type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        text = (f"{exc}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile), or"
+                ' pass --storage-options \'{"anon": true}\' for a public bucket')
+    elif isinstance(exc, ValueError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)"
+    return " ".join(text.split())
+
+
+def _missing_package(exc: ImportError) -> str:
+    message = str(exc)
+    for protocol, (package, install) in _PROTOCOL_PACKAGES.items():
+        if package in message or exc.name == package:
+            return f"{protocol}:// URLs need {package}, which is not installed: {install}"
+    return f"{message} (a package nasar-zarr needs here is missing)"
 
 
 def _synth(args) -> int:
@@ -109,21 +196,20 @@ def _synth(args) -> int:
 
 
 def _convert(args) -> int:
-    from .plan import plan_conversion
+    from .api import plan_conversion
+    from .layout import check_destination
 
     options = {k: v for k, v in {"inner_chunk": args.inner_chunk, "shard": args.shard,
                                  "codec": args.codec, "clevel": args.clevel,
                                  "max_member_bytes": None if args.max_member_mb is None
                                  else int(args.max_member_mb * 2**20)}.items()
                if v is not None}
-    try:
-        plan = plan_conversion(args.src, args.dest, on_error=args.on_error,
-                               storage_options=args.storage_options, **options)
-    except ValueError as exc:
-        if isinstance(exc, NasarZarrError):
-            raise
-        print(f"nasar-zarr convert: error: {exc}", file=sys.stderr)
-        return 2
+    columns = {role: getattr(args, f"{role}_column") for role in
+               ("lat", "lon", "footprint", "time", "secondary_time")}
+    plan = plan_conversion(args.src, args.dest, on_error=args.on_error,
+                           storage_options=args.storage_options, **options,
+                           columns={k: v for k, v in columns.items() if v})
+    check_destination(plan, overwrite=args.overwrite)  # refuse before printing the plan
     if args.plan_json:
         with open(args.plan_json, "w") as f:
             f.write(plan.to_json())
@@ -150,7 +236,7 @@ def _client(args):
 
 def _summary(ds, dest: str, storage_options) -> None:
     from . import store
-    from .execute import REJECTIONS_FILE
+    from .store import REJECTIONS_FILE
     from .info import status_counts
 
     counts = status_counts(ds)
@@ -167,7 +253,7 @@ def _summary(ds, dest: str, storage_options) -> None:
 
 
 def _append(args) -> int:
-    from .execute import append
+    from .api import append
 
     with _client(args) as client:
         ds = append(args.src, args.dest, client=client, workers=args.workers, progress=True,
@@ -177,7 +263,7 @@ def _append(args) -> int:
 
 
 def _verify(args) -> int:
-    from .verify import verify
+    from .api import verify
 
     src, dest = (args.src_or_dest, args.dest) if args.dest else (None, args.src_or_dest)
     with _client(args) as client:
@@ -202,6 +288,9 @@ def _info(args) -> int:
 
 def _catalog(args) -> int:
     from .catalog import write_catalog
+    from .layout import require_cube
+
+    require_cube(args.dest, args.storage_options)
 
     path = write_catalog(args.dest, args.output, metadata_url=args.metadata_url,
                          storage_options=args.storage_options)
@@ -209,5 +298,29 @@ def _catalog(args) -> int:
     return 0
 
 
-_COMMANDS = {"synth": _synth, "convert": _convert, "info": _info, "catalog": _catalog,
-             "append": _append, "verify": _verify}
+def _view(args) -> int:
+    from .viewer import export_static, serve
+
+    if args.export:
+        files = export_static(args.export)
+        print(f"wrote {', '.join(f.name for f in files)} to {args.export}: open"
+              " index.html?store=URL (default ./nasar.zarr)")
+        return 0
+    if not args.dest:
+        print("nasar-zarr view: error: give DEST (a local cube) or --export DIR", file=sys.stderr)
+        return 2
+    serve(args.dest, port=args.port, open_browser=not args.no_browser, sample=args.sample)
+    return 0
+
+
+def _stac(args) -> int:
+    from .stac import write_stac
+
+    print(write_stac(args.dest, args.output, href=args.href,
+                     storage_options=args.storage_options))
+    return 0
+
+
+_COMMANDS = {"stac": _stac,
+             "synth": _synth, "convert": _convert, "info": _info, "catalog": _catalog,
+             "append": _append, "verify": _verify, "view": _view}

@@ -31,6 +31,9 @@ def read_metadata(src: str, storage_options: Mapping[str, Any] | None = None) ->
         with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
             table = pq.read_table(f)
     except FileNotFoundError:
+        fs, root = fsspec.core.url_to_fs(src, **dict(storage_options or {}))
+        if not fs.exists(root):
+            raise MetadataError(f"{src}: no such file or directory") from None
         raise MetadataError(
             f"{url}: metadata.parquet not found; is {src!r} an NA-SAR "
             "release root (data/, metadata.parquet)?"

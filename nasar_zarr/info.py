@@ -9,6 +9,7 @@ import numpy as np
 import xarray as xr
 
 from . import schema, store
+from .layout import require_cube
 from .cube import open_cube, provenance
 
 
@@ -18,7 +19,11 @@ def status_counts(ds: xr.Dataset) -> dict[str, int]:
 
 
 def describe(url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Dimensions, variables with chunking, stored bytes/objects, status counts, provenance."""
+    """Dimensions, variables with chunking, stored bytes/objects, status counts, provenance.
+
+    Raises NotACubeError when ``url`` does not exist or holds no nasar-zarr cube.
+    """
+    require_cube(url, storage_options)
     ds = open_cube(url, storage_options=storage_options)
     group = store.open_group(url, storage_options)
     fs, root = store.filesystem(url, storage_options)

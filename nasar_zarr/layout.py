@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import xarray as xr
 
-from . import __version__, schema, source, store
+from . import __version__, columns, schema, source, store
 from . import metadata as meta
 from .errors import NotACubeError, SourceChangedError, StoreExistsError
 from .faults import fault_point
@@ -58,7 +59,8 @@ def skeleton(plan: ConversionPlan, table: pa.Table) -> tuple[xr.Dataset, dict]:
     coords.update({d: (d, v, schema.LABEL_ATTRS[d]) for d, v in schema.LABELS.items()})
     encoding: dict[str, dict] = {schema.SAMPLE_DIM: {"chunks": (max(n, 1),)}}
     reserved = {*coords, *schema.VARIABLES, schema.STATUS, schema.RTC_PRESENT}
-    for name, (values, attrs) in meta.encode_table(table).items():
+    roles = columns.recognise(table.column_names, **dict(o.columns))
+    for name, (values, attrs) in meta.encode_table(table, roles=roles).items():
         coord = f"metadata_{name}" if name in reserved else name
         coords[coord] = (schema.SAMPLE_DIM, values, {**attrs, "nasar_column": name})
         enc: dict[str, Any] = {"chunks": (max(n, 1),)}
@@ -98,7 +100,7 @@ def skeleton(plan: ConversionPlan, table: pa.Table) -> tuple[xr.Dataset, dict]:
         schema.STATUS_ATTRS,
     )
     encoding[schema.STATUS] = {"chunks": (shard,), "_FillValue": None}
-    ds.attrs = provenance(plan, table)
+    ds.attrs = {**provenance(plan, table), columns.ROLES_ATTR: columns.roles_attr(roles)}
     return ds, encoding
 
 
@@ -243,8 +245,12 @@ def _check_writable(dest: str) -> None:
         probe = parent
     if os.path.exists(probe) and not os.path.isdir(probe):
         raise StoreExistsError(f"{dest}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"{dest}: permission denied (cannot write in {probe})")
+    try:  # os.access says yes to root even on read-only filesystems: try it for real
+        os.rmdir(tempfile.mkdtemp(prefix=".nasar-zarr-probe-", dir=probe))
+    except OSError as exc:
+        raise PermissionError(
+            f"{dest}: cannot write in {probe} ({exc.strerror or exc})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- writing

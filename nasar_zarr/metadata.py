@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from . import columns
+from .columns import ColumnRoles
 from .errors import MetadataError
 
 ENCODING_ATTR = "nasar_encoding"
@@ -70,8 +72,11 @@ def encode_column(name: str, column: pa.ChunkedArray | pa.Array) -> tuple[np.nda
     if pa.types.is_boolean(t):
         if not has_nulls:
             return column.to_numpy(zero_copy_only=False), {ENCODING_ATTR: "native"}
-        values = np.where(column.is_null().to_numpy(zero_copy_only=False), np.nan,
-                          column.fill_null(False).to_numpy(zero_copy_only=False))
+        values = np.where(
+            column.is_null().to_numpy(zero_copy_only=False),
+            np.nan,
+            column.fill_null(False).to_numpy(zero_copy_only=False),
+        )
         return values.astype("float32"), {ENCODING_ATTR: "nullable_bool"}
     if pa.types.is_timestamp(t):
         utc = column.cast(pa.timestamp(t.unit, tz="UTC")) if t.tz else column
@@ -102,8 +107,11 @@ def decode_column(values: np.ndarray, attrs: Mapping[str, Any], type_: pa.DataTy
     """Undo :func:`encode_column`, giving an Arrow array of the original type."""
     how = attrs.get(ENCODING_ATTR, "native")
     if how == "native":
-        return pa.array(np.asarray(values), type=type_) if not pa.types.is_dictionary(type_) \
+        return (
+            pa.array(np.asarray(values), type=type_)
+            if not pa.types.is_dictionary(type_)
             else pa.array(np.asarray(values)).dictionary_encode().cast(type_)
+        )
     if how in ("nullable_int", "nullable_bool"):
         values = np.asarray(values, dtype="float64")
         mask = np.isnan(values)
@@ -113,27 +121,62 @@ def decode_column(values: np.ndarray, attrs: Mapping[str, Any], type_: pa.DataTy
     if how == "timestamp":
         naive = pa.array(np.asarray(values).astype(f"datetime64[{type_.unit}]"))
         tz = attrs.get("nasar_timezone") or None
-        return naive.cast(pa.timestamp(type_.unit, tz="UTC")).cast(type_) if tz else \
-            naive.cast(type_)
+        return (
+            naive.cast(pa.timestamp(type_.unit, tz="UTC")).cast(type_) if tz else naive.cast(type_)
+        )
     if how == "string":
         missing = attrs.get("nasar_missing")
         items = [None if missing is not None and v == missing else str(v) for v in values]
         if pa.types.is_dictionary(type_):
             categories = list(attrs["nasar_categories"])
             code = {c: i for i, c in enumerate(categories)}
-            indices = pa.array([None if v is None else code[v] for v in items],
-                               type=type_.index_type)
+            indices = pa.array(
+                [None if v is None else code[v] for v in items], type=type_.index_type
+            )
             return pa.DictionaryArray.from_arrays(
-                indices, pa.array(categories, type=type_.value_type), ordered=type_.ordered)
+                indices, pa.array(categories, type=type_.value_type), ordered=type_.ordered
+            )
         return pa.array(items, type=type_)
     if how == "json":
         return pa.array([json.loads(v) for v in values], type=type_)
     raise MetadataError(f"unknown {ENCODING_ATTR} {how!r} in a metadata coordinate")
 
 
-def encode_table(table: pa.Table) -> dict[str, tuple[np.ndarray, dict]]:
-    """Every column of ``table`` as ``name -> (values, attrs)``."""
-    return {name: encode_column(name, table.column(name)) for name in table.column_names}
+def encode_table(
+    table: pa.Table, *, roles: ColumnRoles | None = None
+) -> dict[str, tuple[np.ndarray, dict]]:
+    """Every column of ``table`` as ``name -> (values, attrs)``, with CF attributes.
+
+    Parameters
+    ----------
+    table
+        The metadata table.
+    roles
+        Which columns are latitude, longitude, footprint and acquisition times
+        (:func:`nasar_zarr.columns.recognise`); by default recognised from the
+        column names.
+
+    Returns
+    -------
+    dict
+        ``name -> (values, attrs)``: the values Zarr v3 holds, and attributes that
+        undo the encoding plus a CF ``long_name`` (and ``standard_name``/``units``
+        for the recognised roles, see :func:`nasar_zarr.columns.cf_attrs`).
+        :func:`decode_table` ignores the CF attributes.
+
+    Examples
+    --------
+    >>> t = pa.table({"lat": [45.0], "lon": [-100.0]})
+    >>> encode_table(t)["lat"][1]["standard_name"]
+    'latitude'
+    """
+    if roles is None:
+        roles = columns.recognise(table.column_names)
+    out = {}
+    for name in table.column_names:
+        values, attrs = encode_column(name, table.column(name))
+        out[name] = (values, {**columns.cf_attrs(name, values, roles), **attrs})
+    return out
 
 
 def decode_table(

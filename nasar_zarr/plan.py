@@ -43,6 +43,9 @@ class ConvertOptions:
     clevel: int = 5
     on_error: OnError = "raise"
     max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES
+    # Metadata columns named explicitly for a role (``("lat", "y0")``, ...); the
+    # others are recognised by their usual spellings (nasar_zarr.columns).
+    columns: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.inner_chunk < 1 or self.shard < 1:
@@ -195,7 +198,9 @@ class ConversionPlan:
         return cls(
             source=d["source"],
             dest=d["dest"],
-            options=ConvertOptions(**d["options"]),
+            options=ConvertOptions(
+                **{**d["options"], "columns": tuple(map(tuple, d["options"].get("columns", ())))}
+            ),
             sample_keys=tuple(d["sample_keys"]),
             tasks=tasks,
             tar_shards=tuple(TarShard(**s) for s in d["tar_shards"]),

@@ -80,6 +80,48 @@ class CubeReader:
         return {name: np.stack([arr[int(i)] for i in rows]) if len(rows) else
                 arr[0:0] for name, arr in self._arrays.items()}
 
+    def read_runs(self, runs: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Several contiguous runs of samples in one go, concatenated along ``sample``.
+
+        With tensorstore each variable is one read of a virtual concatenation of
+        the runs (``tensorstore.concat``), and the reads of all variables are
+        issued before any is awaited; with zarr-python it is one read per run and
+        variable. A batch of a shuffled loader is a few runs of whole inner chunks.
+
+        Parameters
+        ----------
+        runs
+            ``(start, stop)`` half-open ranges of sample positions, in the order
+            their rows are wanted.
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            Every variable, sample axis first, ``sum(stop - start)`` rows.
+
+        Examples
+        --------
+        >>> reader.read_runs([(0, 4), (10, 12)])["rtc"].shape  # doctest: +SKIP
+        (6, 2, 2, 2, 128, 128)
+        """
+        n = len(self)
+        bounds = [(int(start), int(stop)) for start, stop in runs]
+        for start, stop in bounds:
+            if not 0 <= start <= stop <= n:
+                raise IndexError(f"run ({start}, {stop}) is outside the cube's {n} samples")
+        if len(bounds) == 1:
+            return self._read(slice(*bounds[0]))
+        if self.engine == "tensorstore" and bounds:
+            import tensorstore as ts
+
+            futures = {
+                name: ts.concat([arr[a:b] for a, b in bounds], axis=0).read()
+                for name, arr in self._arrays.items()
+            }
+            return {name: np.asarray(f.result()) for name, f in futures.items()}
+        parts = [self._read(slice(a, b)) for a, b in bounds or [(0, 0)]]
+        return {name: np.concatenate([p[name] for p in parts]) for name in self._arrays}
+
     def _read(self, selection) -> dict[str, np.ndarray]:
         if self.engine == "tensorstore":
             futures = {name: arr[selection].read() for name, arr in self._arrays.items()}

@@ -63,11 +63,16 @@ LABELS: dict[str, np.ndarray] = {
     "x": np.arange(PATCH, dtype="int16"),
 }
 DIM_SIZES: dict[str, int] = {dim: len(values) for dim, values in LABELS.items()}
+# CF attributes of the label coordinates. No ``axis`` and no ``standard_name``: ``time``
+# labels the two acquisitions of a pair ("prime", "secondary"), it is not a time axis
+# (the acquisition times are the metadata coordinates that carry ``standard_name:
+# time``), and ``y``/``x`` index pixels of a per-sample UTM grid, not one projection.
+# The string labels have no ``units`` (CF units describe numbers).
 LABEL_ATTRS: dict[str, dict[str, str]] = {
     "view": {"long_name": "spatial (orbit) view", "units": "1"},
-    "time": {"long_name": "temporal RTC acquisition", "units": "1"},
-    "pol": {"long_name": "polarization (co-pol / cross-pol)", "units": "1"},
-    "component": {"long_name": "interferometric phase component", "units": "1"},
+    "time": {"long_name": "acquisition of the pair (prime or secondary)"},
+    "pol": {"long_name": "polarization (co-pol / cross-pol)"},
+    "component": {"long_name": "interferometric phase component (cosine / sine)"},
     "y": {"long_name": "pixel row", "units": "1"},
     "x": {"long_name": "pixel column", "units": "1"},
 }
@@ -129,6 +134,15 @@ def _per_view(prefix: str) -> tuple[Placement, ...]:
     return tuple(Placement(f"{prefix}_view_{view}", (view,)) for view in range(2))
 
 
+# No CF standard_name on the data variables, on purpose (CF-1.11, standard name table):
+# - rtc: the table's surface_backwards_scattering_coefficient_of_radar_wave is used for
+#   sigma0 (normalized by ground area); gamma0 after terrain flattening is normalized
+#   differently, so that name would mislabel it.
+# - inc_angle: sensor_zenith_angle fits an ellipsoid incidence angle only; the card does
+#   not say whether the release stores the ellipsoid or the local (terrain) angle.
+# - dem: surface_altitude (above the geoid) and height_above_reference_ellipsoid differ
+#   by the vertical datum, which the card ("raw elevation in meters") does not state.
+# - ifg (cos/sin of phase), coh (coherence), slope_deg (terrain slope): no entry.
 DATA_VARIABLES: tuple[VariableSpec, ...] = (
     VariableSpec(
         "rtc",

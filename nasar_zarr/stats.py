@@ -14,6 +14,7 @@ NaN values (unwritten samples) and anything the transform makes non-finite.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -138,6 +139,11 @@ def histogram(
     name, fn = _transform(var, transform)
     lo, hi = _range(var, name, range)
     raw = ds[var]
+    if not callable(transform):
+        present = ds[schema.RTC_PRESENT] if var == "rtc" and schema.RTC_PRESENT in ds else None
+        group = by if by is not None and by in raw.dims else None
+        counts = _fused_counts(raw, present, group, name, bins=bins, range=(lo, hi), clip=clip)
+        return _counts_array(counts, raw, group, var, name, bins, lo, hi, clip)
     values = fn(raw)
     valid = np.isfinite(values)
     if var == "rtc" and schema.RTC_PRESENT in ds:
@@ -158,14 +164,22 @@ def histogram(
         counts = _counts_kernel(np.asarray(values.data).reshape(n_groups, -1),
                                 np.asarray(valid.data).reshape(n_groups, -1), **kwargs)
         counts = counts.sum(axis=1)
+    return _counts_array(counts, values, None if group == _ONE else group, var, name, bins,
+                         lo, hi, clip)
+
+
+def _counts_array(counts: Any, values: xr.DataArray, group: str | None, var: str,
+                  name: str | None, bins: int, lo: float, hi: float,
+                  clip: bool) -> xr.DataArray:
+    """``(groups, bins)`` counts as the labelled DataArray :func:`histogram` returns."""
     edges = np.histogram_bin_edges([], bins=bins, range=(lo, hi))
     coords: dict[str, Any] = {
         "bin": ("bin", (edges[:-1] + edges[1:]) / 2, {"long_name": "bin centre"}),
         "bin_lower": ("bin", edges[:-1]),
         "bin_upper": ("bin", edges[1:]),
     }
-    dims: tuple[str, ...] = (group, "bin")
-    if group == _ONE:
+    dims: tuple[str, ...] = (group or _ONE, "bin")
+    if group is None:
         counts, dims = counts[0], ("bin",)
     else:
         coords[group] = values[group]
@@ -180,6 +194,127 @@ def histogram(
     }
     return xr.DataArray(counts, dims=dims, coords=coords, name="counts", attrs=attrs)
 
+
+
+# numpy kernels of the named transforms, in place on a float32 copy (same values as
+# TRANSFORMS: log1p(float32(20) * x); 10 log10 x with non-positive x dropped).
+def _log1p20_inplace(v: np.ndarray) -> np.ndarray:
+    np.multiply(v, np.float32(20.0), out=v)
+    return np.log1p(v, out=v)
+
+
+def _db_inplace(v: np.ndarray) -> np.ndarray:
+    v[~(v > 0)] = np.nan
+    np.log10(v, out=v)
+    return np.multiply(v, v.dtype.type(10.0), out=v)
+
+
+_INPLACE: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {
+    "log1p20": _log1p20_inplace, "db": _db_inplace, None: lambda v: v,
+}
+
+
+def fused_counts_kernel(x: np.ndarray, present: np.ndarray | None, *, axis: int | None,
+                        transform: str | None, bins: int, range: tuple[float, float],
+                        clip: bool) -> np.ndarray:
+    """Counts of one block in one pass: ``(groups, 1, bins)`` int64.
+
+    ``x`` is a block of the variable (sample axis first); ``present`` (or None)
+    a boolean block over its leading axes (``rtc_present`` for ``rtc``): only
+    present channels are copied out, transformed in place and binned, so a
+    block costs one copy, the transform and :func:`numpy.histogram` (the
+    generic path made ~5 full-size temporaries). ``axis`` is the group axis.
+
+    Parameters
+    ----------
+    x
+        Values, sample axis first.
+    present
+        Channel mask over the leading ``present.ndim`` axes of ``x``, or None.
+    axis
+        Axis of ``x`` to keep (one histogram per index along it), or None.
+    transform
+        A key of :data:`TRANSFORMS` or None.
+    bins, range, clip
+        As :func:`histogram`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(groups, 1, bins)`` int64 counts of the finite transformed values.
+    """
+    fn = _INPLACE[transform]
+    n_groups = 1 if axis is None else x.shape[axis]
+    out = np.zeros((n_groups, 1, bins), dtype=np.int64)
+    for g in np.arange(n_groups):
+        xg = x if axis is None else np.take(x, [g], axis=axis)
+        if present is not None:
+            pg = present if axis is None else np.take(present, [g], axis=axis)
+            pg = np.broadcast_to(pg, xg.shape[:pg.ndim]).reshape(-1)
+            v = xg.reshape(pg.size, -1)[pg]  # present channels only (a copy)
+        else:
+            v = np.array(xg, copy=True)
+        v = fn(v.astype(np.result_type(v.dtype, np.float32), copy=False))
+        if clip:
+            v[~np.isfinite(v)] = np.nan  # NaN is never counted; +-inf is not valid either
+            np.clip(v, range[0], range[1], out=v)
+        # np.histogram with a range drops NaN and +-inf (outside the range).
+        out[g, 0] = np.histogram(v, bins=bins, range=range)[0]
+    return out
+
+
+def _fused_counts(raw: xr.DataArray, present: xr.DataArray | None, group: str | None,
+                  transform: str | None, *, bins: int, range: tuple[float, float],
+                  clip: bool) -> Any:
+    """``(groups, bins)`` counts with :func:`fused_counts_kernel` on each dask chunk."""
+    axis = raw.dims.index(group) if group is not None else None
+    if present is not None:
+        # the mask's dims must lead the variable's, in the variable's order
+        lead = raw.dims[:present.ndim]
+        if set(present.dims) != set(lead):
+            present = None
+        else:
+            present = present.transpose(*lead)
+    kwargs = {"axis": axis, "transform": transform, "bins": bins, "range": range,
+              "clip": clip}
+    data = raw.data
+    if not _is_dask(data):
+        mask = None if present is None else np.asarray(present.values, dtype=bool)
+        return fused_counts_kernel(np.asarray(data), mask, **kwargs).sum(axis=1)
+    import dask.array as da
+
+    ndim = data.ndim
+    n_groups = 1 if axis is None else raw.shape[axis]
+    if data.numblocks[1:] != (1,) * (ndim - 1):
+        data = data.rechunk({i: -1 for i in builtins.range(1, ndim)})
+    args = [data]
+    if present is not None:
+        # trailing singleton axes, so that the mask's blocks line up with the data's
+        mask = da.asarray(present.data).astype(bool)
+        kwargs["present_ndim"] = mask.ndim
+        mask = mask.reshape(*mask.shape, *(1,) * (ndim - mask.ndim))
+        args.append(mask.rechunk({0: data.chunks[0],
+                                  **{i: -1 for i in builtins.range(1, ndim)}}))
+    extra: dict[str, Any] = {}
+    if ndim >= 3:
+        extra["drop_axis"] = list(builtins.range(3, ndim))
+    else:
+        extra["new_axis"] = list(builtins.range(ndim, 3))
+    per_block = da.map_blocks(
+        _block_counts, *args, **kwargs, **extra,
+        chunks=((1,) * data.numblocks[0], (n_groups,), (bins,)),
+        dtype=np.int64, meta=np.empty((0, 0, 0), dtype=np.int64),
+    )
+    return per_block.sum(axis=0)
+
+
+def _block_counts(x: np.ndarray, present: np.ndarray | None = None, *,
+                  present_ndim: int = 0, **kwargs: Any) -> np.ndarray:
+    """:func:`fused_counts_kernel` of one dask block, as ``(1, groups, bins)``."""
+    if present is not None:
+        present = present.reshape(present.shape[:present_ndim])
+    counts = fused_counts_kernel(x, present, **kwargs)
+    return counts.reshape(1, counts.shape[0], counts.shape[2])
 
 
 def _is_dask(a: Any) -> bool:

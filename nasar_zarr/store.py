@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -96,16 +98,30 @@ def write_json(url: str, relative: str, value, storage_options=None) -> None:
 def create_json(url: str, relative: str, value, storage_options=None) -> bool:
     """Write ``value`` only if the object does not exist yet, in one atomic step.
 
-    Returns False (writing nothing) when it exists. Locally this is an exclusive
-    open (``O_CREAT | O_EXCL``); on S3 a conditional ``PutObject`` with
-    ``If-None-Match: *`` (s3fs ``mode="create"``); other fsspec filesystems get
-    their own ``mode="create"`` (an exclusive open where they have one).
+    Returns False (writing nothing) when it exists. Locally this is a hard link of
+    a complete temporary file (exclusive like ``O_EXCL``, and readers never see a
+    partial object); on S3 a conditional ``PutObject`` with ``If-None-Match: *``
+    (s3fs ``mode="create"``); other fsspec filesystems get their own
+    ``mode="create"`` (an exclusive open where they have one).
     """
     fs, root = filesystem(url, storage_options)
     path = f"{root}/{relative}"
     data = json.dumps(value, indent=1, sort_keys=True).encode()
     if not source.is_remote(url):
+        # Not fsspec's "xb": its local writer goes through a temporary file and a move,
+        # which two processes can both win (measured: 2 winners of 8 racing threads).
+        # A hard link is exclusive like O_EXCL and publishes the whole content at once.
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -31,6 +34,45 @@ def decode_with_card(corpus_root: Path) -> dict[str, dict[str, np.ndarray]]:
                              allow_pickle=False) as npz:
                     out[key] = {name: npz[name] for name in npz.files}
     return out
+
+
+def cli(*args: str, fault: str | None = None, signal: str | None = None,
+        env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``nasar-zarr`` in a fresh process; ``fault`` stops it at a named point
+    (SIGKILL, or ``signal``: e.g. "INT" as from Ctrl-C)."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("NASAR_ZARR_FAULT", "NASAR_ZARR_FAULT_SIGNAL")}
+    full_env.update(env or {})
+    if fault:
+        full_env["NASAR_ZARR_FAULT"] = fault
+    if signal:
+        full_env["NASAR_ZARR_FAULT_SIGNAL"] = signal
+    return subprocess.run([sys.executable, "-m", "nasar_zarr", *args], env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_store_equals_source(dest: Path, corpus_root: Path, expected=None) -> None:
+    """Every variable of every sample, status and rtc_present equal the card reader's
+    arrays (tarfile + numpy), bit for bit."""
+    import pandas as pd
+    import zarr
+
+    from nasar_zarr import schema
+
+    expected = decode_with_card(corpus_root) if expected is None else expected
+    table = release_order(pd.read_parquet(Path(corpus_root) / "metadata.parquet"))
+    group = zarr.open_group(str(dest), mode="r")
+    keys = group["sample"][:].tolist()
+    assert keys == table["sample_key"].tolist()
+    loaded = {name: group[name][:] for name in schema.VARIABLES}
+    for i, key in enumerate(keys):
+        back = schema.cube_to_source({name: values[i] for name, values in loaded.items()})
+        for name in schema.SOURCE_KEYS:
+            assert back[name].tobytes() == expected[key][name].tobytes(), (key, name)
+    assert (group["status"][:] == schema.STATUS_WRITTEN).all()
+    present = np.array([[[[expected[k][f"{t}_rtc_view_{v}"][p].any() for p in range(2)]
+                          for t in ("prime", "secondary")] for v in range(2)] for k in keys])
+    np.testing.assert_array_equal(group["rtc_present"][:], present)
 
 
 @pytest.fixture(scope="session")

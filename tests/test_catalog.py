@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,12 +22,6 @@ from nasar_zarr.testing.dask import raise_if_dask_computes
 
 CATALOG = Path(__file__).resolve().parents[1] / "catalogs" / "nasar.yaml"
 
-pytestmark = pytest.mark.filterwarnings(
-    # intake 2.0.x warns about shell expansion for every string parameter default.
-    "ignore:Shell command not executed:UserWarning"
-)
-
-
 def _same_cube(opened: xr.Dataset, cube: xr.Dataset) -> None:
     assert dict(opened.sizes) == dict(cube.sizes)
     assert set(opened.data_vars) == set(cube.data_vars)
@@ -39,8 +36,8 @@ def test_static_catalog_opens_a_store_given_by_url(small_cube, cube):
     with raise_if_dask_computes():
         ds = cat["nasar"](url=str(small_cube)).to_dask()
     assert isinstance(ds["rtc"].data, da.Array)
-    # Default chunks: 512 samples, i.e. the whole of this small cube.
-    assert ds["rtc"].chunks[0] == (cube.sizes["sample"],)
+    # open_cube's chunks: whole shards (8 samples here), every variable alike.
+    assert ds.chunks["sample"] == cube.chunks["sample"] == (8, 8, 8, 8)
     _same_cube(ds, cube)
     # The accessor works on what the catalog returns.
     with raise_if_dask_computes():
@@ -72,8 +69,8 @@ def test_write_catalog_records_the_shard_size(small_cube, cube, table, tmp_path)
     path = write_catalog(str(small_cube), tmp_path / "sub" / "nasar.yaml")
     spec = yaml.safe_load(path.read_text())
     nasar = spec["sources"]["nasar"]
-    assert nasar["args"]["chunks"] == {"sample": 8}
-    assert nasar["parameters"]["url"]["default"] == str(Path(small_cube).resolve())
+    assert nasar["args"]["urlpath"] == '{{ url if url else "%s" }}' % Path(small_cube).resolve()
+    assert "(8 samples per shard)" in nasar["description"]
     cat = intake.open_catalog(str(path))
     ds = cat["nasar"].to_dask()
     assert ds["rtc"].chunks[0] == cube["rtc"].chunks[0] == (8, 8, 8, 8)
@@ -101,5 +98,27 @@ def test_cli_catalog(small_cube, tmp_path, capsys):
 
     assert main(["catalog", str(tmp_path / "missing.zarr"), "-o", str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "missing.zarr" in err and "nasar-zarr convert" in err
+    assert "missing.zarr" in err
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_opening_the_catalog_prints_no_warning(small_cube, tmp_path):
+    """A fresh interpreter with every warning an error: catalog, entries, url=, metadata."""
+    written = write_catalog(str(small_cube), tmp_path / "w.yaml")
+    code = (
+        "import intake\n"
+        f"for path in ({str(CATALOG)!r}, {str(written)!r}):\n"
+        "    cat = intake.open_catalog(path)\n"
+        f"    ds = cat['nasar'](url={str(small_cube)!r}).to_dask()\n"
+        "    assert ds.chunks['sample'] == (8, 8, 8, 8)\n"
+        "    assert cat['nasar'].to_dask().sizes['sample'] == 32\n"
+        f"    table = cat['nasar_metadata'](url={str(small_cube)!r}).read()\n"
+        "    assert len(table) == 32\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NASAR_ZARR_URL": str(small_cube)}
+    res = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == "ok\n"
+    assert res.stderr == ""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +13,11 @@ import zarr
 
 import nasar_zarr as nz
 from nasar_zarr import schema
+from nasar_zarr.api import append, verify
 from nasar_zarr.errors import StoreExistsError, StoreLockedError
-from nasar_zarr.api import append
-from nasar_zarr.store import LOCK_FILE, task_record_path
-from nasar_zarr.store import write_json
+from nasar_zarr.store import LOCK_FILE, task_record_path, write_json
 from nasar_zarr.testing import write_corpus
-from nasar_zarr.api import verify
+from tests.conftest import cli
 
 ARRAYS = [*schema.VARIABLES, schema.STATUS, schema.RTC_PRESENT]
 
@@ -36,14 +33,6 @@ def reference(corpus, tmp_path_factory):
     dest = tmp_path_factory.mktemp("ref") / "ref.zarr"
     nz.plan_conversion(str(corpus.root), str(dest), shard=4).execute(workers=0)
     return dest
-
-
-def cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "NASAR_ZARR_FAULT"}
-    if fault:
-        env["NASAR_ZARR_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "nasar_zarr", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def assert_same_arrays(a: Path, b: Path) -> None:

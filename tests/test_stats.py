@@ -49,7 +49,7 @@ def test_histogram_one_task_per_chunk(cube):
     counts = cube.nasar.histogram(bins=20)
     graph = dict(counts.data.__dask_graph__())
     per_chunk = [k for k in graph if isinstance(k, tuple) and str(k[0]).startswith(
-        "_counts_kernel")]
+        "_block_counts")]
     assert len(per_chunk) == len(cube["rtc"].chunks[0])
 
 

@@ -1,0 +1,246 @@
+"""open_cube and the catalog entry: chunks, the fast reader, and everyday xarray idioms."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+
+import dask
+import intake
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from nasar_zarr import backend, open_cube, schema
+from nasar_zarr.cube import MAX_DASK_CHUNKS, dask_chunk_size
+
+from .test_catalog import CATALOG
+
+VARIABLES = ("rtc", "inc_angle", "ifg", "coh", "dem", "slope_deg", "rtc_present", "status")
+
+
+@pytest.fixture(scope="module")
+def reference(small_cube):
+    """The cube read by zarr-python alone, in memory: what every path must equal."""
+    return open_cube(str(small_cube), engine="zarr").load()
+
+
+@pytest.fixture(scope="module", params=["open_cube", "catalog"])
+def opened(request, small_cube):
+    if request.param == "open_cube":
+        return open_cube(str(small_cube))
+    return intake.open_catalog(str(CATALOG))["nasar"](url=str(small_cube)).to_dask()
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read()/pread() so far (Linux /proc)."""
+    with open("/proc/self/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["rchar"])
+
+
+# ------------------------------------------------------------------------- chunks
+
+
+def test_every_variable_is_chunked_alike_in_whole_shards(opened):
+    assert opened.chunks["sample"] == (8, 8, 8, 8)
+    assert opened.chunksizes["sample"] == (8, 8, 8, 8)
+    for name in VARIABLES:
+        chunks = opened[name].chunks
+        assert chunks[0] == (8, 8, 8, 8), name
+        assert all(len(c) == 1 for c in chunks[1:]), name  # other dims whole
+
+
+def test_dask_chunk_size_keeps_a_full_reduction_small():
+    # one shard per chunk up to MAX_DASK_CHUNKS shards, then several whole shards
+    assert dask_chunk_size(32, 8) == 8
+    assert dask_chunk_size(32, 8, "shard") == 8
+    assert dask_chunk_size(512 * MAX_DASK_CHUNKS, 512) == 512
+    assert dask_chunk_size(512 * MAX_DASK_CHUNKS + 1, 512) == 1024
+    assert dask_chunk_size(1_099_604, 512) == 9 * 512
+    assert -(-1_099_604 // dask_chunk_size(1_099_604, 512)) == 239
+    assert dask_chunk_size(1_099_604, 512, "shard") == 512
+    assert dask_chunk_size(1_099_604, 512, 1000) == 1000
+    assert dask_chunk_size(5, 512) == 5
+    with pytest.raises(ValueError, match="chunks must be 'shards', 'shard'"):
+        dask_chunk_size(10, 5, "auto")
+    with pytest.raises(ValueError, match="positive number of samples"):
+        dask_chunk_size(10, 5, 0)
+
+
+def test_chunk_options(small_cube):
+    assert open_cube(str(small_cube), chunks="shard").chunks["sample"] == (8, 8, 8, 8)
+    assert open_cube(str(small_cube), chunks={"sample": 12}).chunks["sample"] == (12, 12, 8)
+    assert open_cube(str(small_cube), chunks=16).chunks["sample"] == (16, 16)
+    lazy = open_cube(str(small_cube), chunks=None)
+    assert not lazy.chunks and isinstance(lazy["dem"].variable._data, object)
+    with pytest.raises(ValueError, match="may only set 'sample'"):
+        open_cube(str(small_cube), chunks={"y": 64})
+    with pytest.raises(ValueError, match="engine must be one of"):
+        open_cube(str(small_cube), engine="tensorstore")
+
+
+def test_full_mean_graph_size(small_cube):
+    ds = open_cube(str(small_cube))
+    # per variable: one read task per chunk, its partial mean, a tree of sums, and the
+    # array's own key; nothing per inner chunk
+    tasks = len(ds.mean().__dask_graph__())
+    assert tasks <= len(VARIABLES) * (1 + 4 * 3)
+
+
+# ------------------------------------------------------------------------- the fast reader
+
+
+def test_fast_reader_equals_zarr_python(small_cube, reference):
+    fast = open_cube(str(small_cube), engine="fast")
+    for name in VARIABLES:
+        assert type(fast[name].variable._data).__name__ == "Array"
+    xr.testing.assert_identical(fast.load(), reference)
+
+
+@pytest.mark.parametrize("index", [[5, 17, 3], [0], [31, 31, 2], slice(6, 11), slice(1, 30, 7)])
+def test_fast_reader_selections(small_cube, reference, index):
+    fast = open_cube(str(small_cube), engine="fast")
+    got = fast.isel(sample=index).compute(scheduler="sync")
+    xr.testing.assert_identical(got, reference.isel(sample=index))
+    one = fast["rtc"].isel(sample=9, view=1, pol=0).values
+    np.testing.assert_array_equal(one, reference["rtc"].isel(sample=9, view=1, pol=0).values)
+
+
+def test_a_few_samples_read_only_their_inner_chunks(small_cube):
+    """isel of 3 samples reads their inner chunks and the shard indexes, not the shards."""
+    ds = open_cube(str(small_cube))
+    group = backend.zarr.open_group(str(small_cube), mode="r")
+    layouts = backend.layouts(group, str(small_cube), VARIABLES)
+    shard_bytes = sum(os.path.getsize(layouts[name].object_path(1)) for name in VARIABLES)
+    before = _rchar()
+    got = ds.isel(sample=[9, 10, 20]).compute(scheduler="sync")
+    read = _rchar() - before
+    assert got.sizes["sample"] == 3
+    # inner chunks of 2 samples: [9, 10] span 2 inner chunks of shard 1, 20 one of shard 2
+    inner = 0
+    for name in VARIABLES:
+        layout = layouts[name]
+        if not layout.sharded:
+            continue
+        for obj, chunks in ((1, (0, 1)), (2, (2,))):
+            path = layout.object_path(obj)
+            with open(path, "rb") as f:
+                data = f.read()
+            index = backend._index(layout, data, path)
+            inner += sum(int(index[c][1]) for c in chunks)
+            inner += len(index) * 16 + 4  # the index itself
+    # status and rtc_present are unsharded: their two objects are read whole
+    unsharded = sum(os.path.getsize(layouts[name].object_path(obj))
+                    for name in VARIABLES if not layouts[name].sharded for obj in (1, 2))
+    assert inner + unsharded <= read <= inner + unsharded + 16 * 1024
+    assert read < shard_bytes / 2  # far less than one shard of every variable
+
+
+def test_reading_in_a_forked_child_after_the_parent_read(small_cube, reference):
+    ds = open_cube(str(small_cube))
+    parent = ds["rtc"].isel(sample=slice(0, 8)).values  # the parent reads first
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(_child_read, (ds,))
+        child = result.get(timeout=60)
+    np.testing.assert_array_equal(child, reference["rtc"].isel(sample=slice(8, 24)).values)
+    np.testing.assert_array_equal(parent, reference["rtc"].isel(sample=slice(0, 8)).values)
+
+
+def _child_read(ds: xr.Dataset) -> np.ndarray:
+    return ds["rtc"].isel(sample=slice(8, 24)).values
+
+
+def test_a_corrupt_shard_index_is_reported(small_cube, tmp_path):
+    import shutil
+
+    copy = tmp_path / "cube.zarr"
+    shutil.copytree(small_cube, copy)
+    group = backend.zarr.open_group(str(copy), mode="r")
+    layout = backend.array_layout(group["dem"], str(copy / "dem"))
+    path = layout.object_path(0)
+    data = bytearray(open(path, "rb").read())
+    data[-10] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(backend.ShardFormatError, match="fails its CRC-32C"):
+        backend.read_rows(layout, slice(0, 8))
+
+
+# ------------------------------------------------------------------------- idioms
+
+
+def test_sel_by_sample_key(opened, reference):
+    keys = [str(k) for k in reference["sample"].values[[4, 27, 11]]]
+    got = opened.sel(sample=keys).compute()
+    xr.testing.assert_identical(got, reference.sel(sample=keys))
+    assert [str(k) for k in got["sample"].values] == keys
+
+
+def test_where_drop_on_a_metadata_coordinate(opened, reference):
+    cond = opened["quality_score"] > 0.7
+    got = opened[["dem", "status"]].where(cond, drop=True).compute()
+    keep = reference["quality_score"].values > 0.7
+    assert 0 < keep.sum() < reference.sizes["sample"]
+    np.testing.assert_array_equal(got["dem"].values, reference["dem"].values[keep])
+    np.testing.assert_array_equal(got["status"].values, reference["status"].values[keep])
+
+
+def test_groupby_a_metadata_coordinate(opened, reference):
+    got = opened["dem"].groupby("orbit_direction").mean(...).compute()
+    labels = np.array([str(v) for v in reference["orbit_direction"].values])
+    assert sorted(str(v) for v in got["orbit_direction"].values) == sorted(set(labels))
+    dem = reference["dem"].values.astype(np.float64)
+    for label, value in zip(got["orbit_direction"].values, got.values, strict=True):
+        np.testing.assert_allclose(value, dem[labels == str(label)].mean(), rtol=1e-6)
+
+
+def test_to_netcdf_round_trip(opened, reference, tmp_path):
+    path = tmp_path / "subset.nc"
+    opened.isel(sample=slice(3, 14)).to_netcdf(path, engine="h5netcdf")
+    with xr.open_dataset(path, engine="h5netcdf") as back:
+        xr.testing.assert_identical(back.load(), reference.isel(sample=slice(3, 14)))
+        assert back.attrs == reference.attrs
+
+
+def test_to_zarr_round_trip(opened, reference, tmp_path):
+    path = tmp_path / "subset.zarr"
+    opened.isel(sample=[0, 5, 6, 30]).to_zarr(path, zarr_format=3, consolidated=False)
+    back = xr.open_zarr(path, consolidated=False)
+    xr.testing.assert_identical(back.load(), reference.isel(sample=[0, 5, 6, 30]))
+    # and the whole cube, dask chunk by dask chunk
+    whole = tmp_path / "whole.zarr"
+    opened.to_zarr(whole, zarr_format=3, consolidated=False)
+    xr.testing.assert_identical(xr.open_zarr(whole, consolidated=False).load(), reference)
+
+
+def test_plain_open_zarr_recipe_for_to_zarr(small_cube, reference, tmp_path):
+    """What docs/ANALYSIS.md tells plain xr.open_zarr users: drop the encodings."""
+    plain = xr.open_zarr(str(small_cube)).drop_encoding()
+    plain.isel(sample=slice(0, 9)).to_zarr(tmp_path / "p.zarr", zarr_format=3,
+                                           consolidated=False)
+    back = xr.open_zarr(tmp_path / "p.zarr", consolidated=False).load()
+    xr.testing.assert_identical(back, reference.isel(sample=slice(0, 9)))
+
+
+def test_metadata_to_parquet(opened, table, tmp_path):
+    path = tmp_path / "meta.parquet"
+    opened.nasar.metadata().to_parquet(path)
+    pd.testing.assert_frame_equal(pd.read_parquet(path), table)
+
+
+def test_pickled_to_dask_workers(opened, reference, dask_client):
+    assert pickle.loads(pickle.dumps(opened)).sizes == opened.sizes
+    future = dask_client.submit(_worker_sum, opened)
+    np.testing.assert_allclose(future.result(), float(reference["coh"].sum()), rtol=1e-6)
+    got = dask_client.compute(opened["dem"].mean("sample")).result()
+    # float32 sums in another order: equal to float32 rounding
+    np.testing.assert_allclose(got.values, reference["dem"].mean("sample").values, rtol=1e-6)
+    with dask.config.set(scheduler=dask_client):
+        xr.testing.assert_identical(opened.isel(sample=[2, 19]).compute(),
+                                    reference.isel(sample=[2, 19]))
+
+
+def _worker_sum(ds: xr.Dataset) -> float:
+    return float(ds["coh"].sum().compute(scheduler="sync"))

@@ -1,0 +1,488 @@
+"""nasar_zarr.torch: the release loader's outputs from the cube, the sampler, the loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+from nasar_zarr import store  # noqa: E402
+from nasar_zarr.reader import CubeReader  # noqa: E402
+from nasar_zarr.torch import (  # noqa: E402
+    InSARDataset,
+    RTCDataset,
+    ShardAwareSampler,
+    _plan_reads,
+    _runs,
+    dataloader,
+    shard_aware_order,
+)
+from tests.conftest import decode_with_card  # noqa: E402
+
+RTC_KEYS = ["prime_rtc_view_0", "secondary_rtc_view_0", "prime_rtc_view_1", "secondary_rtc_view_1"]
+INSAR_KEYS = RTC_KEYS + [
+    f"{name}_view_{v}"
+    for name in ("inc_angle", "ifg", "coh", "dem", "dem_relief", "slope")
+    for v in (0, 1)
+]
+
+
+# ------------------------------------------------ an independent reading of the card
+
+
+def card_rtc(x, gain=20.0, co=(0.15, 2.39), cross=(0.01, 1.09)):
+    """Dataset card, Preprocessing: log1p(gain x), then clip-and-rescale per polarization."""
+    y = np.log1p(gain * x.astype(np.float64))
+    out = np.stack(
+        [(np.clip(y[c], lo, hi) - lo) / (hi - lo) for c, (lo, hi) in enumerate((co, cross))]
+    )
+    out[~x.any(axis=(1, 2))] = 0.0  # "Fully missing polarizations remain zero-padded"
+    return out
+
+
+def card_range(x, lo, hi):
+    return (np.clip(x.astype(np.float64), lo, hi) - lo) / (hi - lo)
+
+
+def card_relief(dem, percentiles=(5, 95)):
+    lo, hi = np.percentile(dem.astype(np.float64), percentiles)
+    return np.zeros(dem.shape) if hi == lo else card_range(dem, lo, hi)
+
+
+def card_item(arrays, **ranges):
+    """The release InSAR loader's item, from the npz arrays of one sample, in float64."""
+    gain = ranges.get("rtc_gain", 20.0)
+    co, cross = ranges.get("rtc_ranges", {"co": (0.15, 2.39), "cross": (0.01, 1.09)}).values()
+    out = {key: card_rtc(arrays[key], gain, co, cross) for key in RTC_KEYS}
+    for v in (0, 1):
+        for name in ("inc_angle", "ifg", "coh"):
+            out[f"{name}_view_{v}"] = arrays[f"{name}_view_{v}"]
+        out[f"dem_view_{v}"] = card_range(arrays["dem"], *ranges.get("dem_range", (-100, 4000)))
+        out[f"dem_relief_view_{v}"] = card_relief(
+            arrays["dem"], ranges.get("relief_percentiles", (5, 95))
+        )
+        out[f"slope_view_{v}"] = card_range(
+            arrays["slope_deg"], *ranges.get("slope_range", (0, 45))
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def card(small_corpus):
+    return decode_with_card(small_corpus.root)
+
+
+def assert_card(item, arrays, keys, **ranges):
+    expected = card_item(arrays, **ranges)
+    for key in keys:
+        got = item[key]
+        assert got.dtype == torch.float32 and tuple(got.shape) == expected[key].shape, key
+        if key[:-7] in ("inc_angle", "ifg", "coh"):  # as stored: bit for bit
+            assert got.numpy().tobytes() == expected[key].tobytes(), key
+        else:
+            np.testing.assert_allclose(got.numpy(), expected[key], rtol=0, atol=2e-6, err_msg=key)
+
+
+# ------------------------------------------------ datasets
+
+
+def test_rtc_dataset_equals_card(small_cube, card, table):
+    ds = RTCDataset(str(small_cube))
+    assert len(ds) == 32 and ds.shard_size == 8 and ds.inner_chunk == 2
+    items = ds.__getitems__(list(range(32)))
+    for i, item in enumerate(items):
+        assert sorted(item) == sorted([*RTC_KEYS, "sample_key", "index"])
+        assert item["index"] == i and item["sample_key"] == table.sample_key[i]
+        assert_card(item, card[item["sample_key"]], RTC_KEYS)
+    # A missing polarization stays exactly 0 (metadata flag says it is missing).
+    no_cross = np.flatnonzero(~table.cross_pol_available.to_numpy())
+    assert no_cross.size
+    for i in no_cross:
+        for key in RTC_KEYS:
+            assert not items[i][key][1].any(), (i, key)
+
+
+def test_insar_dataset_equals_normalized_and_card(small_cube, cube, card):
+    ds = InSARDataset(str(small_cube))
+    norm = cube.nasar.normalized().compute()
+    order = [31, 0, 9, 9, 17, 8, 3]  # unsorted, a duplicate, runs across shards
+    items = ds.__getitems__(order)
+    assert [it["index"] for it in items] == order
+    for i, item in zip(order, items, strict=True):
+        assert sorted(item) == sorted([*INSAR_KEYS, "sample_key", "index"])
+        s = norm.isel(sample=i)
+        for v in (0, 1):
+            for t in ("prime", "secondary"):
+                want = s.rtc.sel(view=v, time=t).values
+                assert item[f"{t}_rtc_view_{v}"].numpy().tobytes() == want.tobytes()
+            for name, var in (("dem", "dem"), ("dem_relief", "dem_relief"), ("slope", "slope")):
+                assert item[f"{name}_view_{v}"].numpy().tobytes() == s[var].values.tobytes()
+        assert_card(item, card[item["sample_key"]], INSAR_KEYS)
+        assert torch.equal(ds[i]["dem_relief_view_0"], item["dem_relief_view_0"])
+
+
+def test_custom_ranges_follow_normalized(small_cube, cube, card):
+    ranges = dict(
+        rtc_gain=10.0,
+        rtc_ranges={"co": (-0.5, 2.0), "cross": (0.0, 0.8)},
+        dem_range=(0.0, 1000.0),
+        relief_percentiles=(10, 90),
+        slope_range=(5, 30),
+    )
+    ds = InSARDataset(str(small_cube), **ranges)
+    norm = cube.nasar.normalized(**ranges).isel(sample=[4, 20]).compute()
+    for j, item in enumerate(ds.__getitems__([4, 20])):
+        assert item["prime_rtc_view_0"].numpy().tobytes() == norm.rtc.values[j, 0, 0].tobytes()
+        assert item["dem_relief_view_1"].numpy()[0].tobytes() == norm.dem_relief.values[j].tobytes()
+        assert_card(item, card[item["sample_key"]], INSAR_KEYS, **ranges)
+
+
+def test_runs_group_inner_chunks():
+    runs, rows = _runs(np.array([0, 1, 3, 6, 7, 12, 15, 19]), 2)
+    # chunks 0,0,1 | 3,3 | 6,7 | 9: consecutive chunks merge, a skipped chunk starts a run
+    assert runs == [(0, 4), (6, 8), (12, 16), (19, 20)]
+    assert rows.tolist() == [0, 1, 3, 4, 5, 6, 9, 10]
+    assert _runs(np.array([5]), 4) == ([(5, 6)], np.array([0]))
+    assert _runs(np.zeros(0, np.int64), 2)[0] == []
+
+
+def test_reader_read_runs(small_cube):
+    reader = CubeReader(str(small_cube), variables=("rtc", "status"))
+    whole = reader[0:32]
+    got = reader.read_runs([(30, 32), (2, 5)])
+    assert got["rtc"].tobytes() == np.concatenate([whole["rtc"][30:], whole["rtc"][2:5]]).tobytes()
+    assert got["status"].tolist() == [1] * 5
+    with pytest.raises(IndexError, match=r"run \(30, 33\) is outside the cube's 32 samples"):
+        reader.read_runs([(30, 33)])
+
+
+def test_indices_from_select(small_cube, cube, table):
+    selection = cube.nasar.select(min_quality=0.7)
+    assert 0 < selection.sizes["sample"] < 32
+    ds = RTCDataset(str(small_cube), indices=selection)
+    assert len(ds) == selection.sizes["sample"]
+    want = table.index[table.quality_score >= 0.7].to_numpy()
+    assert ds.sample_indices.tolist() == want.tolist()
+    assert [
+        it["sample_key"] for it in ds.__getitems__(range(len(ds)))
+    ] == selection.sample.values.tolist()
+    assert RTCDataset(str(small_cube), indices=[7, 2, 7]).sample_indices.tolist() == [7, 2, 7]
+
+
+def test_bad_indices(small_cube, cube):
+    url = str(small_cube)
+    with pytest.raises(
+        IndexError,
+        match=r"indices must lie in \[0, 32\) for a cube of 32 "
+        r"samples, got values from 0 to 32",
+    ):
+        RTCDataset(url, indices=[0, 32])
+    with pytest.raises(TypeError, match="indices must be a 1-D sequence of integer"):
+        RTCDataset(url, indices=[0.5])
+    other = cube.isel(sample=[1, 2]).assign_coords(sample=["nope", cube.sample.values[2]])
+    with pytest.raises(
+        ValueError,
+        match=r"1 sample key\(s\) of the selection are not in the "
+        r"cube at .*, e.g. \['nope'\]",
+    ):
+        RTCDataset(url, indices=other)
+    ds = RTCDataset(url, indices=[3, 4])
+    with pytest.raises(IndexError, match="index 2 is out of range for a dataset of 2 samples"):
+        ds[2]
+    assert ds[-1]["index"] == 4
+    with pytest.raises(
+        ValueError,
+        match=r"rtc_ranges has no range for polarization\(s\) "
+        r"\['cross'\]",
+    ):
+        RTCDataset(url, rtc_ranges={"co": (0, 1)})
+    with pytest.raises(ValueError, match=r"relief_percentiles must lie in \[0, 100\]"):
+        InSARDataset(url, relief_percentiles=(5, 120))
+
+
+@pytest.fixture(scope="module")
+def edited_cube(small_cube, tmp_path_factory):
+    """A copy of the small cube with sample 5 rejected and no DEM variables."""
+    dest = tmp_path_factory.mktemp("edited") / "nasar.zarr"
+    shutil.copytree(small_cube, dest)
+    group = store.open_group(str(dest), mode="r+")
+    group["status"][5] = 2
+    shutil.rmtree(dest / "dem")
+    shutil.rmtree(dest / "slope_deg")
+    store.consolidate(str(dest))
+    return dest
+
+
+def test_unwritten_samples_and_missing_dem(edited_cube):
+    url = str(edited_cube)
+    ds = RTCDataset(url)
+    assert len(ds) == 31 and 5 not in ds.sample_indices.tolist()
+    with pytest.raises(
+        ValueError,
+        match=r"indices include 1 sample\(s\) that hold no data in "
+        r".* \(status 0 pending or 2 rejected\), e.g. "
+        r"positions \[5\]",
+    ):
+        RTCDataset(url, indices=[4, 5])
+    with pytest.raises(
+        ValueError,
+        match=r"has no variable\(s\) \['dem', 'slope_deg'\] that "
+        r"InSARDataset reads; .*\(require_dem=False serves",
+    ):
+        InSARDataset(url)
+    item = InSARDataset(url, require_dem=False)[0]
+    assert sorted(item) == sorted([*INSAR_KEYS[:10], "sample_key", "index"])
+
+
+def test_pickles_without_handles(small_cube):
+    import pickle
+
+    ds = InSARDataset(str(small_cube))
+    ds[0]
+    assert ds._reader is not None
+    state = ds.__getstate__()
+    assert state["_reader"] is None and state["_reader_pid"] is None
+    assert len(pickle.dumps(ds)) < 10_000
+
+
+def test_other_samplers_keep_working(small_cube):
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    ds = RTCDataset(str(small_cube))
+    seen = [
+        int(i)
+        for b in DataLoader(
+            ds, batch_size=6, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0))
+        )
+        for i in b["index"]
+    ]
+    assert sorted(seen) == list(range(32))
+    share = DistributedSampler(ds, num_replicas=3, rank=1, shuffle=False)
+    batch = next(iter(DataLoader(ds, batch_size=4, sampler=share)))
+    assert batch["index"].tolist() == [1, 4, 7, 10]
+    assert batch["prime_rtc_view_0"].shape == (4, 2, 128, 128)
+
+
+# ------------------------------------------------ DataLoader, processes
+
+
+def test_dataloader_two_workers_end_to_end(small_cube):
+    ds = InSARDataset(str(small_cube))
+    reference = ds.__getitems__(list(range(32)))  # the parent reads first
+    sampler = ShardAwareSampler(ds, seed=5)
+    loader = dataloader(ds, batch_size=5, sampler=sampler, num_workers=2)
+    assert loader.multiprocessing_context.get_start_method() in ("forkserver", "spawn")
+    assert loader.persistent_workers
+    order = []
+    for batch in loader:
+        assert batch["dem_view_0"].shape[1:] == (1, 128, 128)
+        for j, i in enumerate(batch["index"].tolist()):
+            order.append(i)
+            assert batch["sample_key"][j] == reference[i]["sample_key"]
+            for key in INSAR_KEYS:
+                assert torch.equal(batch[key][j], reference[i][key]), (i, key)
+    assert order == sampler.epoch_indices(0).tolist()
+
+
+FORK_SCRIPT = """
+import json, sys, warnings
+from torch.utils.data import DataLoader
+from nasar_zarr.torch import RTCDataset
+ds = RTCDataset(sys.argv[1], engine=sys.argv[2] if sys.argv[2] != "auto" else None)
+first = ds[0]["prime_rtc_view_0"]  # the parent reads: tensorstore threads run
+loader = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="fork")
+out = {"n": 0, "equal": None}
+for batch in loader:
+    out["n"] += len(batch["index"])
+    if batch["index"][0] == 0:
+        out["equal"] = bool((batch["prime_rtc_view_0"][0] == first).all())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("engine", ["auto", "tensorstore"])
+def test_fork_after_parent_read_works_or_fails_clearly(small_cube, engine):
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FORK_SCRIPT), str(small_cube), engine],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if engine == "auto":  # falls back to zarr-python in the forked workers, with a warning
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout.splitlines()[-1]) == {"n": 32, "equal": True}
+        assert "was forked after tensorstore started its threads" in run.stderr
+        assert "Reading through zarr-python instead" in run.stderr
+    else:  # explicitly tensorstore: a clear error, not a hang and not an abort
+        assert run.returncode == 1
+        assert (
+            "RTCDataset(engine='tensorstore'): this process was forked after tensorstore"
+            " started its threads"
+        ) in run.stderr
+
+
+# ------------------------------------------------ sampler
+
+
+def is_permutation(order, n):
+    return sorted(order.tolist()) == list(range(n))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cube=st.lists(st.integers(0, 300), unique=True, max_size=120),
+    shard_chunks=st.integers(1, 8),
+    inner=st.sampled_from([1, 2, 3, 4]),
+    window=st.integers(1, 5),
+    seed=st.integers(0, 2**32),
+    epoch=st.integers(0, 100),
+)
+def test_shard_aware_order_properties(cube, shard_chunks, inner, window, seed, epoch):
+    shard = shard_chunks * inner
+    cube = np.array(cube, dtype=np.int64)
+    order = shard_aware_order(
+        cube, shard=shard, inner_chunk=inner, seed=seed, epoch=epoch, window=window
+    )
+    assert is_permutation(order, cube.size)
+    again = shard_aware_order(
+        cube.copy(), shard=shard, inner_chunk=inner, seed=seed, epoch=epoch, window=window
+    )
+    assert order.tolist() == again.tolist()  # a pure function
+    visited = cube[order]
+    # Every inner-chunk block is contiguous in the order, and in cube order inside.
+    blocks = visited // inner
+    for b in np.unique(blocks):
+        where = np.flatnonzero(blocks == b)
+        assert where.tolist() == list(range(where[0], where[-1] + 1))
+        assert np.all(np.diff(visited[where]) > 0)
+    # Shards come in windows: group shards by first visit, `window` at a time; the
+    # window number never decreases along the order.
+    shards = visited // shard
+    first_seen = list(dict.fromkeys(shards.tolist()))
+    turn = {s: k // window for k, s in enumerate(first_seen)}
+    assert all(np.diff([turn[s] for s in shards.tolist()]) >= 0)
+
+
+def test_shard_aware_order_shuffles_and_validates():
+    cube = np.arange(64)
+    a = shard_aware_order(cube, shard=8, inner_chunk=2, seed=0, epoch=0)
+    b = shard_aware_order(cube, shard=8, inner_chunk=2, seed=0, epoch=1)
+    c = shard_aware_order(cube, shard=8, inner_chunk=2, seed=1, epoch=0)
+    assert a.tolist() != b.tolist() and a.tolist() != c.tolist()
+    assert a.tolist() != list(range(64))
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        shard_aware_order(cube, shard=8, inner_chunk=2, seed=-1, epoch=0)
+    with pytest.raises(ValueError, match="window must be a positive integer, got 0"):
+        shard_aware_order(cube, shard=8, inner_chunk=2, seed=0, epoch=0, window=0)
+
+
+@pytest.fixture(scope="module")
+def rtc_ds(small_cube):
+    return RTCDataset(str(small_cube))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 32),
+    replicas=st.integers(1, 7),
+    drop_last=st.booleans(),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 1000),
+    epoch=st.integers(0, 5),
+)
+def test_rank_split_equal_disjoint_covering(
+    small_cube, n, replicas, drop_last, shuffle, seed, epoch
+):
+    ds = RTCDataset(str(small_cube), indices=np.arange(n))
+    shares = []
+    for rank in range(replicas):
+        s = ShardAwareSampler(
+            ds, num_replicas=replicas, rank=rank, drop_last=drop_last, shuffle=shuffle, seed=seed
+        )
+        s.set_epoch(epoch)
+        shares.append(list(s))
+        assert len(shares[-1]) == len(s)
+    lengths = {len(share) for share in shares}
+    assert len(lengths) == 1
+    per_rank = lengths.pop()
+    assert per_rank == (n // replicas if drop_last else -(-n // replicas))
+    together = [i for share in shares for i in share]
+    if drop_last or n % replicas == 0:
+        assert len(set(together)) == len(together)  # disjoint
+    if not drop_last:
+        assert set(together) == set(range(n))  # covering; the padding repeats the start
+        padding = together[n:]
+        assert padding == together[: len(padding)]  # the order's start, repeated
+    order = (
+        shard_aware_order(ds.sample_indices, shard=8, inner_chunk=2, seed=seed, epoch=epoch)
+        if shuffle
+        else np.arange(n)
+    )
+    k = min(n, len(together))
+    assert together[:k] == order[:k].tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(consumed=st.integers(0, 11), replicas=st.integers(1, 3), epoch=st.integers(0, 3))
+def test_resume_at_exactly_the_next_sample(rtc_ds, consumed, replicas, epoch):
+    rank = replicas - 1
+    s = ShardAwareSampler(rtc_ds, num_replicas=replicas, rank=rank, seed=9)
+    s.set_epoch(epoch)
+    full = s.epoch_indices().tolist()
+    consumed = min(consumed, len(full))
+    it = iter(s)
+    head = [next(it) for _ in range(consumed)]
+    state = s.state_dict()
+    assert state["epoch"] == epoch and state["position"] == consumed
+    resumed = ShardAwareSampler(rtc_ds, num_replicas=replicas, rank=rank, seed=9)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
+    resumed.set_epoch(epoch)  # the training loop's call keeps the resumed position
+    assert head + list(resumed) == full
+    assert list(resumed) == full  # the next pass of the epoch starts at the beginning
+    resumed.set_epoch(epoch + 1)
+    assert list(resumed) == s.epoch_indices(epoch + 1).tolist()
+
+
+def test_state_with_consumed_count_and_mismatch(rtc_ds, small_cube):
+    s = ShardAwareSampler(rtc_ds, seed=1)
+    it = iter(s)
+    [next(it) for _ in range(12)]  # a DataLoader draws ahead of the loop
+    state = s.state_dict(samples_consumed=8)
+    assert state["position"] == 8
+    other = ShardAwareSampler(rtc_ds, seed=2)
+    with pytest.raises(
+        ValueError,
+        match="cannot resume: the sampler or dataset differs from "
+        "the saved state \\(seed: saved 1, here 2\\)",
+    ):
+        other.load_state_dict(state)
+    smaller = RTCDataset(str(small_cube), indices=list(range(31)))
+    with pytest.raises(ValueError, match="dataset_size: saved 32, here 31"):
+        ShardAwareSampler(smaller, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"samples_consumed must lie in \[0, 32\], got 33"):
+        s.state_dict(samples_consumed=33)
+    with pytest.raises(TypeError, match="ShardAwareSampler needs a nasar_zarr.torch dataset"):
+        ShardAwareSampler(list(range(4)))
+    with pytest.raises(ValueError, match="need num_replicas >= 1 and 0 <= rank < num_replicas"):
+        ShardAwareSampler(rtc_ds, num_replicas=2, rank=2)
+
+
+def test_plan_reads_follows_whole_blocks():
+    # Whole blocks in any order: read in request order, nothing to gather.
+    assert _plan_reads(np.array([6, 7, 0, 1, 2, 3]), 2) == ([(6, 8), (0, 4)], None)
+    # A partial chunk, a duplicate or an interleaving: sorted runs, then a gather.
+    runs, take = _plan_reads(np.array([7, 0, 1]), 2)
+    assert runs == [(0, 2), (7, 8)] and take.tolist() == [2, 0, 1]
+    runs, take = _plan_reads(np.array([1, 0, 1]), 2)
+    assert runs == [(0, 2)] and take.tolist() == [1, 0, 1]
+    runs, take = _plan_reads(np.array([0, 6, 1, 7]), 2)
+    assert runs == [(0, 2), (6, 8)] and take.tolist() == [0, 2, 1, 3]
