@@ -79,7 +79,7 @@ def _check_prefix(plan: ConversionPlan, table: pa.Table, recorded: dict, n_old: 
     """The cube's samples must be the first ``n_old`` of the grown release, unchanged."""
     src, dest, so = plan.source, plan.dest, plan.storage_options
     group = store.open_group(dest, so, use_consolidated=False)
-    old_keys = group[schema.SAMPLE_DIM][:].tolist()
+    old_keys = store.read(group, schema.SAMPLE_DIM).tolist()
     if plan.n_samples < n_old or list(plan.sample_keys[:n_old]) != old_keys:
         raise StoreExistsError(
             f"{dest}: the cube's {n_old:,} samples are not the first samples of {src} in"
@@ -105,11 +105,11 @@ def _extend_store(plan: ConversionPlan, table: pa.Table, *, n_old: int) -> None:
     dest, so, n = plan.dest, plan.storage_options, plan.n_samples
     group = store.open_group(dest, so, mode="r+", use_consolidated=False)
     for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]:
-        array = group[name]
-        array.resize((n, *array.shape[1:]))  # type: ignore[union-attr]
+        array = store.array(group, name)
+        array.resize((n, *array.shape[1:]))
     fault_point("after-resize")
     ds, encoding = layout.skeleton(plan, table)
-    coords = [c for c in ds.coords if c not in schema.LABELS]
+    coords = [str(c) for c in ds.coords if c not in schema.LABELS]
     for name in coords:
         if name in group:
             del group[name]

@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import NoReturn
 
 from .errors import NasarZarrError
 from .plan import CODECS, ON_ERROR
@@ -31,7 +32,7 @@ _PROTOCOL_PACKAGES = {
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors as one line (exit 2), like every other failure."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 

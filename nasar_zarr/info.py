@@ -29,8 +29,8 @@ def describe(url: str, *, storage_options: Mapping[str, Any] | None = None) -> d
     fs, root = store.filesystem(url, storage_options)
     sizes = fs.du(root, total=False)
     variables = {}
-    for name in ds.data_vars:
-        arr = group[name]
+    for name in map(str, ds.data_vars):
+        arr = store.array(group, name)
         variables[name] = {
             "dims": list(ds[name].dims),
             "shape": list(arr.shape),

@@ -35,7 +35,7 @@ def store_lock(dest: str, storage_options: Mapping[str, Any] | None = None) -> I
     StoreLockedError
         Another live conversion holds the lock.
     """
-    token = {
+    token: dict[str, Any] = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "token": uuid.uuid4().hex,

@@ -43,7 +43,7 @@ def backscatter_db(rtc: xr.DataArray) -> xr.DataArray:
         invalid pixel) or NaN (unwritten sample).
     """
     # Masking first (rather than after) keeps log10 from ever seeing 0: no warnings.
-    db = 10.0 * np.log10(rtc.where(rtc > 0))
+    db = 10.0 * xr.apply_ufunc(np.log10, rtc.where(rtc > 0), dask="allowed")
     return _with_attrs(db, "backscatter_db", "RTC backscatter (gamma0)", "dB",
                        "10 * log10(rtc); non-positive (missing or invalid) values are NaN.")
 
@@ -103,7 +103,10 @@ def wrapped_phase(ifg: xr.DataArray) -> xr.DataArray:
     xarray.DataArray
         float32 radians without the ``component`` dimension.
     """
-    phase = np.arctan2(ifg.sel(component="sin", drop=True), ifg.sel(component="cos", drop=True))
+    phase = xr.apply_ufunc(
+        np.arctan2, ifg.sel(component="sin", drop=True), ifg.sel(component="cos", drop=True),
+        dask="allowed",
+    )
     return _with_attrs(phase, "wrapped_phase", "wrapped interferometric phase", "rad",
                        "arctan2(ifg[sin], ifg[cos]), in [-pi, pi].")
 

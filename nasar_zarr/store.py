@@ -8,9 +8,10 @@ import tempfile
 import warnings
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
+import numpy as np
 import zarr
 
 from . import source
@@ -62,8 +63,8 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *,
 
 
 def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *,
-               mode: str = "r", use_consolidated: bool | None = None,
-               wrap=None) -> zarr.Group:
+               mode: Literal["r", "r+", "a", "w", "w-"] = "r",
+               use_consolidated: bool | None = None, wrap=None) -> zarr.Group:
     store = zarr_store(url, storage_options, read_only=mode == "r")
     if wrap is not None:
         store = wrap(store)
@@ -71,6 +72,19 @@ def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *,
         warnings.simplefilter("ignore", UserWarning)
         return zarr.open_group(store, mode=mode, zarr_format=3,
                                use_consolidated=use_consolidated)
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """``group[name]``, which must be an array (zarr types it as array or group)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{name!r} in {group.store} is a group, not an array")
+    return node
+
+
+def read(group: zarr.Group, name: str, region: slice = slice(None)) -> np.ndarray:
+    """The values of ``group[name][region]`` as a numpy array."""
+    return np.asarray(array(group, name)[region])
 
 
 def consolidate(url: str, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -85,7 +85,7 @@ def verify_store(
     fn: Any
     if plan is not None:
         src = plan.source
-        if plan.sample_keys != tuple(group[schema.SAMPLE_DIM][:].tolist()):
+        if plan.sample_keys != tuple(store.read(group, schema.SAMPLE_DIM).tolist()):
             mismatches.append(Mismatch("sample", "sample keys differ from the source's"))
             return VerifyReport(dest, 0, 0, tuple(mismatches))
         rejected = {r.row for r in plan.rejected if r.row is not None}
@@ -134,15 +134,15 @@ def _compare_task(task: ShardTask, *, dest: str, src: str, rejected_rows=(),
     stored: dict[str, np.ndarray] = {}
     for name in schema.VARIABLES:
         try:
-            stored[name] = group[name][region]
+            stored[name] = store.read(group, name, region)
         except Exception as exc:  # a damaged object fails in the codec, whatever it is
-            found.append((chunk_object(group[name], task.index),
+            found.append((chunk_object(store.array(group, name), task.index),
                           f"stored shard cannot be decoded ({type(exc).__name__}: {exc})"))
             stored[name] = np.full((task.n_samples, *schema.VARIABLES[name].sample_shape),
                                    np.nan, dtype=schema.VARIABLES[name].dtype)
-    status = group[schema.STATUS][region]
-    present = group[schema.RTC_PRESENT][region]
-    keys = group[schema.SAMPLE_DIM][region].tolist()
+    status = store.read(group, schema.STATUS, region)
+    present = store.read(group, schema.RTC_PRESENT, region)
+    keys = store.read(group, schema.SAMPLE_DIM, region).tolist()
     expected_status = np.zeros(task.n_samples, dtype="uint8")
     for row in rejected_rows:
         expected_status[row - task.start] = schema.STATUS_REJECTED

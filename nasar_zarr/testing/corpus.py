@@ -136,7 +136,10 @@ def make_batch(
 
 def encode_npz(arrays: Mapping[str, np.ndarray], *, compressed: bool = False) -> bytes:
     buf = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    if compressed:
+        np.savez_compressed(buf, allow_pickle=False, **arrays)
+    else:
+        np.savez(buf, allow_pickle=False, **arrays)
     return buf.getvalue()
 
 
