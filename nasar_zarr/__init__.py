@@ -3,13 +3,7 @@
 Importing the package registers the ``ds.nasar`` accessor.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("nasar-zarr")  # the one version source: pyproject.toml
-except PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
-
+from ._version import __version__
 from .accessor import NasarAccessor, select  # noqa: E402  (registers ds.nasar)
 from .api import append, execute, plan_conversion, verify  # noqa: E402
 from .cube import metadata_table, open_cube  # noqa: E402

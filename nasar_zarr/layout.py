@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import xarray as xr
 
-from . import __version__, columns, schema, source, store
+from . import columns, schema, source, store
+from ._version import __version__
 from . import metadata as meta
 from .errors import NotACubeError, SourceChangedError, StoreExistsError
 from .faults import fault_point
@@ -264,6 +265,7 @@ def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> 
     dest, so = plan.dest, plan.storage_options
     done = check_destination(plan, overwrite=overwrite)
     if done is not None:
+        save_indexes(plan)  # tars that are new since (append), or a cube made before 0.3
         return done
     # A skeleton without its marker was interrupted while being written: redo it.
     _clear(dest, so)
@@ -282,7 +284,22 @@ def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> 
         )
     created = store.read_provenance(ds.attrs)["created"]
     store.write_json(dest, store.SKELETON_FILE, {"created": created}, so)
+    save_indexes(plan)
     return set()
+
+
+def save_indexes(plan: ConversionPlan) -> int:
+    """Keep the plan's tar indexes in the cube, so that a resume, ``append`` or
+    ``verify SRC DEST`` reads only the headers of tars that are new or changed.
+
+    Tars with samples rejected at planning are left out (they are indexed again).
+    """
+    from . import corpus
+
+    return corpus.save_indexes(
+        plan.dest, plan.tar_shards, plan.index.tars,
+        skip={r.shard for r in plan.rejected}, storage_options=plan.storage_options,
+    )
 
 
 def finalize(plan: ConversionPlan) -> None:

@@ -142,14 +142,15 @@ def rtc_normalized(
 
 
 def rtc_kernel(x: np.ndarray, present: np.ndarray, low: np.ndarray, high: np.ndarray, *,
-               gain: np.float32) -> np.ndarray:
+               gain: np.float32, out: np.ndarray | None = None) -> np.ndarray:
     """numpy core of :func:`rtc_normalized`: one output buffer, updated in place.
 
     ``present``, ``low`` and ``high`` broadcast against ``x``. A channel that is
     not present is either all zero (a missing polarization: it becomes exactly 0)
-    or all NaN (an unwritten sample: it stays NaN).
+    or all NaN (an unwritten sample: it stays NaN). ``out`` (float32, the shape of
+    ``x``, any strides) receives the result instead of a new array.
     """
-    out = np.multiply(x, gain, dtype=_F32)
+    out = np.multiply(x, gain, dtype=_F32, out=out)
     np.log1p(out, out=out)
     low, high = np.asarray(low, _F32), np.asarray(high, _F32)
     np.clip(out, low, high, out=out)

@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,8 @@ import numpy as np
 try:
     import torch
     import torch.distributed as dist
-    from torch.utils.data import DataLoader, Dataset, Sampler
+    from torch import Tensor
+    from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 except ImportError as err:  # pragma: no cover - exercised only without torch
     raise ImportError(
         "nasar_zarr.torch needs PyTorch: pip install 'nasar-zarr[torch]' (CPU-only wheels:"
@@ -52,7 +53,9 @@ __all__ = [
     "InSARDataset",
     "RTCDataset",
     "ShardAwareSampler",
+    "collate",
     "dataloader",
+    "safe_start_method",
     "shard_aware_order",
 ]
 
@@ -192,6 +195,23 @@ def _plan_reads(
         if np.array_equal(np.concatenate([np.arange(a, b) for a, b in ordered]), cube):
             return ordered, None
     return runs, rows[inverse.reshape(-1)]
+
+
+_Empty = Callable[[tuple[int, ...]], "Tensor"]
+
+
+def _empty(shape: tuple[int, ...]) -> Tensor:
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def _shared_empty(shape: tuple[int, ...]) -> Tensor:
+    """A float32 tensor in shared memory: a DataLoader worker sends it without a copy.
+
+    What ``default_collate`` does in a worker (torch's storage ``_new_shared``).
+    """
+    proto = torch.empty(0, dtype=torch.float32)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).view(shape)
 
 
 def _batched(index: tuple[int, ...]) -> tuple[Any, ...]:
@@ -359,10 +379,8 @@ class _CubeDataset(Dataset):
         data = reader.read_runs(runs)
         if take is not None:
             data = {name: values[take] for name, values in data.items()}
-        arrays = {
-            key: torch.from_numpy(np.require(values, requirements="W"))
-            for key, values in self._transform(data).items()
-        }
+        empty = _shared_empty if torch.utils.data.get_worker_info() is not None else _empty
+        arrays = self._transform(data, empty)
         keys = np.asarray(reader.keys)[cube]
         return [
             {
@@ -373,14 +391,21 @@ class _CubeDataset(Dataset):
             for j in range(cube.size)
         ]
 
-    def _rtc_items(self, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        present = data[schema.RTC_PRESENT][..., None, None]
-        rtc = normalize.rtc_kernel(
-            data["rtc"], present, self._rtc_low, self._rtc_high, gain=self._rtc_gain
+    def _rtc_items(self, data: Mapping[str, np.ndarray], empty: _Empty) -> dict[str, Tensor]:
+        rtc = data["rtc"]  # (sample, view, time, pol, y, x)
+        # Laid out (view, time, sample, pol, y, x): each output key is one contiguous batch.
+        buffer = empty((rtc.shape[1], rtc.shape[2], rtc.shape[0], *rtc.shape[3:]))
+        normalize.rtc_kernel(
+            rtc,
+            data[schema.RTC_PRESENT][..., None, None],
+            self._rtc_low,
+            self._rtc_high,
+            gain=self._rtc_gain,
+            out=buffer.numpy().transpose(2, 0, 1, 3, 4, 5),
         )
-        return {p.source_key: rtc[_batched(p.index)] for p in schema.VARIABLES["rtc"].placements}
+        return {p.source_key: buffer[p.index] for p in schema.VARIABLES["rtc"].placements}
 
-    def _transform(self, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _transform(self, data: Mapping[str, np.ndarray], empty: _Empty) -> dict[str, Tensor]:
         raise NotImplementedError
 
 
@@ -439,8 +464,8 @@ class RTCDataset(_CubeDataset):
             rtc_ranges=rtc_ranges,
         )
 
-    def _transform(self, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._rtc_items(data)
+    def _transform(self, data: Mapping[str, np.ndarray], empty: _Empty) -> dict[str, Tensor]:
+        return self._rtc_items(data, empty)
 
 
 class InSARDataset(_CubeDataset):
@@ -527,12 +552,14 @@ class InSARDataset(_CubeDataset):
         )
         return super()._absent_message(absent, present) + hint
 
-    def _transform(self, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self._rtc_items(data)
+    def _transform(self, data: Mapping[str, np.ndarray], empty: _Empty) -> dict[str, Tensor]:
+        out = self._rtc_items(data, empty)
+        n = data["rtc"].shape[0]
         for name in _PASSTHROUGH:
             for p in schema.VARIABLES[name].placements:
-                view = data[name][_batched(p.index)]
-                out[p.source_key] = view.reshape(view.shape[0], *schema.SOURCE_SHAPES[p.source_key])
+                batch = empty((n, *schema.SOURCE_SHAPES[p.source_key]))
+                batch.numpy()[...] = data[name][_batched(p.index)].reshape(batch.shape)
+                out[p.source_key] = batch
         if self.with_dem:
             dem = data["dem"]
             derived = {
@@ -543,9 +570,10 @@ class InSARDataset(_CubeDataset):
                 ),
             }
             for name, values in derived.items():
-                channel = values.astype(_F32, copy=False)[:, None]
-                for view in (0, 1):
-                    out[f"{name}_view_{view}"] = channel
+                batch = empty((n, 1, *values.shape[1:]))
+                batch.numpy()[:, 0] = values
+                for view in (0, 1):  # the DEM is shared by both views: one buffer
+                    out[f"{name}_view_{view}"] = batch
         return out
 
 
@@ -587,7 +615,7 @@ def shard_aware_order(
     Examples
     --------
     >>> shard_aware_order(np.arange(8), shard=4, inner_chunk=2, seed=0, epoch=0)  # doctest: +SKIP
-    array([4, 5, 6, 7, 2, 3, 0, 1])
+    array([2, 3, 4, 5, 0, 1, 6, 7])
     """
     for name, value in (("seed", seed), ("epoch", epoch)):
         if int(value) != value or value < 0:
@@ -823,14 +851,68 @@ def safe_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+def collate(batch: list[Any]) -> Any:
+    """``default_collate``, without copying tensors that already are the rows of one batch.
+
+    :meth:`~RTCDataset.__getitems__` writes each output key of a batch into one
+    buffer (in shared memory inside a DataLoader worker), so the batch of a key
+    is that buffer itself; stacking its rows again would copy every byte. Anything
+    else is collated by ``default_collate``, with the same result.
+
+    Parameters
+    ----------
+    batch
+        A list of samples (dicts), as the DataLoader passes it.
+
+    Returns
+    -------
+    dict
+        ``default_collate``'s batch: a tensor per key with the batch axis first,
+        a list of ``sample_key`` strings, an int64 tensor of ``index``.
+
+    Examples
+    --------
+    >>> loader = DataLoader(ds, batch_size=64, collate_fn=collate)  # doctest: +SKIP
+    """
+    if not batch or not isinstance(batch[0], Mapping):
+        return default_collate(batch)
+    out = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        rows = _rows_of_one_buffer(values)
+        out[key] = rows if rows is not None else default_collate(values)
+    return out
+
+
+def _rows_of_one_buffer(values: list[Any]) -> Tensor | None:
+    """The batch tensor whose rows ``values`` are, in order; None if they are not."""
+    first = values[0]
+    if not isinstance(first, torch.Tensor) or not first.is_contiguous():
+        return None
+    pointer, step = first.untyped_storage().data_ptr(), first.numel()
+    offset, shape = first.storage_offset(), first.shape
+    for j, value in enumerate(values):
+        if not (
+            isinstance(value, torch.Tensor)
+            and value.untyped_storage().data_ptr() == pointer
+            and value.shape == shape
+            and value.dtype == first.dtype
+            and value.is_contiguous()
+            and value.storage_offset() == offset + j * step
+        ):
+            return None
+    return first.as_strided((len(values), *shape), (step, *first.stride()), offset)
+
+
 def dataloader(dataset: Any, **kwargs: Any) -> DataLoader:
     """A ``torch.utils.data.DataLoader`` with fork-safe defaults for the cube's datasets.
 
     With ``num_workers > 0`` and no ``multiprocessing_context`` given, workers start
     with :func:`safe_start_method` (forkserver, whose server preloads this module so
     that each worker starts in a fraction of a second) and ``persistent_workers``
-    defaults to True (worker start-up is paid once, not every epoch). Every other
-    argument is the DataLoader's.
+    defaults to True (worker start-up is paid once, not every epoch). ``collate_fn``
+    defaults to :func:`collate` (the batch buffers the datasets build, without a
+    copy). Every other argument is the DataLoader's.
 
     Parameters
     ----------
@@ -856,4 +938,5 @@ def dataloader(dataset: Any, **kwargs: Any) -> DataLoader:
                 context.set_forkserver_preload([__name__])
             kwargs["multiprocessing_context"] = context
         kwargs.setdefault("persistent_workers", True)
+    kwargs.setdefault("collate_fn", collate)
     return DataLoader(dataset, **kwargs)

@@ -18,7 +18,8 @@ EXPECTED = {
                              "correlation:"],
     "03_ml_loading": ["model input: (8, 22, 128, 128) float32",
                       "samples without cross-pol; all exactly zero: True",
-                      "numpy-backed: ndarray"],
+                      "same as ds.nasar.normalized(): True",
+                      "-> resumes at the next sample: True"],
 }
 
 

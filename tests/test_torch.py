@@ -23,6 +23,7 @@ from nasar_zarr.torch import (  # noqa: E402
     ShardAwareSampler,
     _plan_reads,
     _runs,
+    collate,
     dataloader,
     shard_aware_order,
 )
@@ -479,10 +480,28 @@ def test_state_with_consumed_count_and_mismatch(rtc_ds, small_cube):
 def test_plan_reads_follows_whole_blocks():
     # Whole blocks in any order: read in request order, nothing to gather.
     assert _plan_reads(np.array([6, 7, 0, 1, 2, 3]), 2) == ([(6, 8), (0, 4)], None)
-    # A partial chunk, a duplicate or an interleaving: sorted runs, then a gather.
-    runs, take = _plan_reads(np.array([7, 0, 1]), 2)
-    assert runs == [(0, 2), (7, 8)] and take.tolist() == [2, 0, 1]
+    assert _plan_reads(np.array([7, 0, 1]), 2) == ([(7, 8), (0, 2)], None)
+    # Rows not asked for, a duplicate or an interleaving: sorted runs, then a gather.
+    runs, take = _plan_reads(np.array([3, 0]), 2)
+    assert runs == [(0, 4)] and take.tolist() == [3, 0]
     runs, take = _plan_reads(np.array([1, 0, 1]), 2)
     assert runs == [(0, 2)] and take.tolist() == [1, 0, 1]
     runs, take = _plan_reads(np.array([0, 6, 1, 7]), 2)
     assert runs == [(0, 2), (6, 8)] and take.tolist() == [0, 2, 1, 3]
+
+
+def test_collate_takes_batch_buffers_without_copy(small_cube):
+    from torch.utils.data import default_collate
+
+    ds = InSARDataset(str(small_cube))
+    items = ds.__getitems__([4, 5, 9])
+    batch, reference = collate(items), default_collate(items)
+    assert list(batch) == list(reference)
+    for key in INSAR_KEYS:
+        assert torch.equal(batch[key], reference[key]) and batch[key].is_contiguous()
+        assert batch[key].data_ptr() == items[0][key].data_ptr(), key  # no copy
+    assert batch["sample_key"] == reference["sample_key"]
+    assert batch["index"].tolist() == [4, 5, 9]
+    mixed = [items[1], ds[0]]  # rows of two batches: stacked, as default_collate does
+    assert torch.equal(collate(mixed)["ifg_view_1"], default_collate(mixed)["ifg_view_1"])
+    assert collate([1, 2]).tolist() == [1, 2]
