@@ -18,6 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from . import normalize, schema, signatures, stats
+from .columns import role_coordinate
 from .cube import metadata_table
 
 
@@ -29,6 +30,11 @@ def _coord_values(ds: xr.Dataset, name: str, needed_for: str) -> np.ndarray:
         )
     # .values of a 1-D coordinate reads only that coordinate's (single) object.
     return np.asarray(ds[name].values)
+
+
+def _role_values(ds: xr.Dataset, role: str, default: str, needed_for: str) -> np.ndarray:
+    """The coordinate playing ``role`` (recorded at conversion, or recognised by name)."""
+    return _coord_values(ds, role_coordinate(ds, role, default) or default, needed_for)
 
 
 def _utc_naive(value: Any) -> np.datetime64:
@@ -62,10 +68,12 @@ def select(
         Keep only samples with ``cross_pol_available``.
     bbox
         ``(lon_min, lat_min, lon_max, lat_max)`` in degrees, inclusive, on the
-        patch centre (``center_lon``, ``center_lat``). ``lon_min > lon_max``
+        patch centre (the longitude/latitude columns recorded at conversion, e.g.
+        ``center_lon``, ``center_lat``). ``lon_min > lon_max``
         selects across the antimeridian (e.g. the Aleutians).
     time
-        ``(start, end)``, inclusive, on ``prime_datetime`` (UTC); either may be
+        ``(start, end)``, inclusive, on the prime acquisition time (e.g.
+        ``prime_datetime``; UTC); either may be
         None for an open end. Strings, datetimes and pandas Timestamps are
         accepted; time-zone-aware values are converted to UTC.
     written_only
@@ -82,10 +90,10 @@ def select(
     n = ds.sizes[schema.SAMPLE_DIM]
     keep = np.ones(n, dtype=bool)
     if min_quality is not None:
-        keep &= _coord_values(ds, "quality_score", "min_quality") >= float(min_quality)
+        keep &= _role_values(ds, "quality", "quality_score", "min_quality") >= float(min_quality)
     if require_cross_pol:
         column = schema.POL_FLAG_COLUMNS["cross"]
-        keep &= _coord_values(ds, column, "require_cross_pol").astype(bool)
+        keep &= _role_values(ds, "cross_pol", column, "require_cross_pol").astype(bool)
     if bbox is not None:
         try:
             lon_min, lat_min, lon_max, lat_max = (float(b) for b in bbox)
@@ -95,8 +103,8 @@ def select(
             ) from None
         if lat_min > lat_max:
             raise ValueError(f"bbox has lat_min {lat_min} > lat_max {lat_max}: {bbox!r}")
-        lon = _coord_values(ds, "center_lon", "bbox")
-        lat = _coord_values(ds, "center_lat", "bbox")
+        lon = _role_values(ds, "lon", "center_lon", "bbox")
+        lat = _role_values(ds, "lat", "center_lat", "bbox")
         in_lon = ((lon >= lon_min) & (lon <= lon_max) if lon_min <= lon_max
                   else (lon >= lon_min) | (lon <= lon_max))
         keep &= in_lon & (lat >= lat_min) & (lat <= lat_max)
@@ -105,7 +113,7 @@ def select(
             start, end = time
         except (TypeError, ValueError):
             raise ValueError(f"time must be (start, end), got {time!r}") from None
-        prime = _coord_values(ds, "prime_datetime", "time").astype("datetime64[ns]")
+        prime = _role_values(ds, "time", "prime_datetime", "time").astype("datetime64[ns]")
         if start is not None:
             keep &= prime >= _utc_naive(start)
         if end is not None:
@@ -135,52 +143,202 @@ class NasarAccessor:
         relief_percentiles: Sequence[float] = normalize.RELIEF_PERCENTILES,
         slope_range: Sequence[float] = normalize.SLOPE_RANGE,
     ) -> xr.Dataset:
-        """The release loader's normalization; see :func:`nasar_zarr.normalize.normalized`."""
+        """The cube as the release's InSAR loader returns it, lazily (float32).
+
+        Delegates to :func:`nasar_zarr.normalize.normalized`: ``rtc`` as
+        ``clip_and_rescale(log1p(gain * x), p1, p99)`` per polarization (missing
+        ones stay 0), ``dem`` and ``slope`` rescaled to fixed ranges,
+        ``dem_relief`` to each patch's own percentiles; ``inc_angle``, ``ifg`` and
+        ``coh`` pass through.
+
+        Parameters
+        ----------
+        rtc_gain
+            Factor inside ``log1p`` (20.0 in the release).
+        rtc_ranges
+            ``{pol: (p1, p99)}`` in log1p units (co ``(0.15, 2.39)``, cross ``(0.01, 1.09)``).
+        dem_range
+            ``(low, high)`` metres mapped to 0 and 1 (``(-100, 4000)``).
+        relief_percentiles
+            Patch-local ``(low, high)`` percentiles of ``dem_relief`` (``(5, 95)``).
+        slope_range
+            ``(low, high)`` degrees mapped to 0 and 1 (``(0, 45)``).
+
+        Returns
+        -------
+        xarray.Dataset
+            Same coordinates and chunks as the cube; nothing is read until computed.
+
+        Examples
+        --------
+        >>> norm = ds.nasar.normalized()                       # doctest: +SKIP
+        >>> norm.rtc.isel(sample=0).compute()                  # doctest: +SKIP
+        """
         return normalize.normalized(
             self._ds, rtc_gain=rtc_gain, rtc_ranges=rtc_ranges, dem_range=dem_range,
             relief_percentiles=relief_percentiles, slope_range=slope_range,
         )
 
     def rtc_normalized(self, **options: Any) -> xr.DataArray:
-        """See :func:`nasar_zarr.normalize.rtc_normalized`."""
+        """Normalized RTC backscatter (:func:`nasar_zarr.normalize.rtc_normalized`).
+
+        Parameters
+        ----------
+        **options
+            ``rtc_gain``, ``rtc_ranges`` as :meth:`normalized`.
+
+        Returns
+        -------
+        xarray.DataArray
+            float32 in [0, 1], lazy.
+
+        Examples
+        --------
+        >>> ds.nasar.rtc_normalized()  # doctest: +SKIP
+        """
         present = self._ds.get(schema.RTC_PRESENT)
         return normalize.rtc_normalized(self._ds["rtc"], present, **options)
 
     def dem_normalized(self, **options: Any) -> xr.DataArray:
-        """See :func:`nasar_zarr.normalize.dem_normalized`."""
+        """Globally rescaled elevation (:func:`nasar_zarr.normalize.dem_normalized`).
+
+        Parameters
+        ----------
+        **options
+            ``dem_range`` as :meth:`normalized`.
+
+        Returns
+        -------
+        xarray.DataArray
+            float32 in [0, 1], lazy.
+
+        Examples
+        --------
+        >>> ds.nasar.dem_normalized()  # doctest: +SKIP
+        """
         return normalize.dem_normalized(self._ds["dem"], **options)
 
     def dem_relief(self, **options: Any) -> xr.DataArray:
-        """See :func:`nasar_zarr.normalize.dem_relief`."""
+        """Patch-local relief (:func:`nasar_zarr.normalize.dem_relief`).
+
+        Parameters
+        ----------
+        **options
+            ``relief_percentiles`` as :meth:`normalized`.
+
+        Returns
+        -------
+        xarray.DataArray
+            float32 in [0, 1], lazy.
+
+        Examples
+        --------
+        >>> ds.nasar.dem_relief()  # doctest: +SKIP
+        """
         return normalize.dem_relief(self._ds["dem"], **options)
 
     def slope_normalized(self, **options: Any) -> xr.DataArray:
-        """See :func:`nasar_zarr.normalize.slope_normalized`."""
+        """Rescaled slope (:func:`nasar_zarr.normalize.slope_normalized`).
+
+        Parameters
+        ----------
+        **options
+            ``slope_range`` as :meth:`normalized`.
+
+        Returns
+        -------
+        xarray.DataArray
+            float32 in [0, 1], lazy.
+
+        Examples
+        --------
+        >>> ds.nasar.slope_normalized()  # doctest: +SKIP
+        """
         return normalize.slope_normalized(self._ds["slope_deg"], **options)
 
     # ---------------------------------------------------------------- signatures
     def backscatter_db(self) -> xr.DataArray:
-        """See :func:`nasar_zarr.signatures.backscatter_db`."""
+        """RTC backscatter in dB (:func:`nasar_zarr.signatures.backscatter_db`).
+
+        Returns
+        -------
+        xarray.DataArray
+            ``10 log10 rtc``, lazy.
+
+        Examples
+        --------
+        >>> ds.nasar.backscatter_db()  # doctest: +SKIP
+        """
         return signatures.backscatter_db(self._ds["rtc"])
 
     def cross_co_ratio_db(self) -> xr.DataArray:
-        """See :func:`nasar_zarr.signatures.cross_co_ratio_db`."""
+        """Cross/co-pol ratio in dB (:func:`nasar_zarr.signatures.cross_co_ratio_db`).
+
+        Returns
+        -------
+        xarray.DataArray
+            Lazy, without the ``pol`` dimension.
+
+        Examples
+        --------
+        >>> ds.nasar.cross_co_ratio_db()  # doctest: +SKIP
+        """
         return signatures.cross_co_ratio_db(self._ds["rtc"])
 
     def temporal_change_db(self) -> xr.DataArray:
-        """See :func:`nasar_zarr.signatures.temporal_change_db`."""
+        """Secondary minus prime backscatter, dB (:func:`~.signatures.temporal_change_db`).
+
+        Returns
+        -------
+        xarray.DataArray
+            Lazy, without the ``time`` dimension.
+
+        Examples
+        --------
+        >>> ds.nasar.temporal_change_db()  # doctest: +SKIP
+        """
         return signatures.temporal_change_db(self._ds["rtc"])
 
     def wrapped_phase(self) -> xr.DataArray:
-        """See :func:`nasar_zarr.signatures.wrapped_phase`."""
+        """Interferometric phase from (cos, sin) (:func:`nasar_zarr.signatures.wrapped_phase`).
+
+        Returns
+        -------
+        xarray.DataArray
+            Radians in (-pi, pi], lazy.
+
+        Examples
+        --------
+        >>> ds.nasar.wrapped_phase()  # doctest: +SKIP
+        """
         return signatures.wrapped_phase(self._ds["ifg"])
 
     def coherence(self) -> xr.DataArray:
-        """See :func:`nasar_zarr.signatures.coherence`."""
+        """Interferometric coherence (:func:`nasar_zarr.signatures.coherence`).
+
+        Returns
+        -------
+        xarray.DataArray
+            Lazy.
+
+        Examples
+        --------
+        >>> ds.nasar.coherence()  # doctest: +SKIP
+        """
         return signatures.coherence(self._ds["coh"])
 
     def signatures(self) -> xr.Dataset:
-        """See :func:`nasar_zarr.signatures.signatures`."""
+        """All signatures in one dataset (:func:`nasar_zarr.signatures.signatures`).
+
+        Returns
+        -------
+        xarray.Dataset
+            Lazy.
+
+        Examples
+        --------
+        >>> ds.nasar.signatures()  # doctest: +SKIP
+        """
         return signatures.signatures(self._ds)
 
     # ---------------------------------------------------------------- metadata
@@ -193,12 +351,47 @@ class NasarAccessor:
         time: Sequence[Any] | None = None,
         written_only: bool = True,
     ) -> xr.Dataset:
-        """A subset by metadata coordinates; see :func:`nasar_zarr.accessor.select`."""
+        """The samples whose metadata pass the filters, reading no array data.
+
+        Delegates to :func:`nasar_zarr.accessor.select`.
+
+        Parameters
+        ----------
+        min_quality
+            Keep ``quality_score >= min_quality``.
+        require_cross_pol
+            Keep only samples with ``cross_pol_available``.
+        bbox
+            ``(lon_min, lat_min, lon_max, lat_max)`` on the patch centre, inclusive.
+        time
+            ``(start, end)`` on ``prime_datetime`` (UTC), inclusive; None for an open end.
+        written_only
+            Keep only written samples (``status == 1``).
+
+        Returns
+        -------
+        xarray.Dataset
+            ``ds.isel(sample=...)``, still lazy.
+
+        Examples
+        --------
+        >>> good = ds.nasar.select(min_quality=0.7, require_cross_pol=True)  # doctest: +SKIP
+        """
         return select(self._ds, min_quality=min_quality, require_cross_pol=require_cross_pol,
                       bbox=bbox, time=time, written_only=written_only)
 
     def metadata(self) -> pd.DataFrame:
-        """The metadata table; see :func:`nasar_zarr.cube.metadata_table`."""
+        """The original ``metadata.parquet`` table, rebuilt from the coordinates.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per sample, in the dataset's order, with the parquet's dtypes.
+
+        Examples
+        --------
+        >>> ds.nasar.metadata().to_parquet("subset-metadata.parquet")  # doctest: +SKIP
+        """
         return metadata_table(self._ds)
 
     # ---------------------------------------------------------------- statistics
@@ -211,7 +404,32 @@ class NasarAccessor:
         transform: str | Callable | None = "auto",
         **options: Any,
     ) -> xr.DataArray:
-        """One-pass corpus histogram; see :func:`nasar_zarr.stats.histogram`."""
+        """Counts of a variable's values over the cube, lazily, in one pass.
+
+        Delegates to :func:`nasar_zarr.stats.histogram` (one task per dask chunk).
+
+        Parameters
+        ----------
+        var
+            The variable to bin (``"rtc"``).
+        bins
+            Number of equal-width bins.
+        range
+            ``(low, high)`` in transformed units; defaults exist for the cube's variables.
+        transform
+            ``"auto"`` (``log1p20`` for rtc), ``"log1p20"``, ``"db"``, None or a callable.
+        **options
+            ``by`` (dimension to keep, ``"pol"``) and ``clip``.
+
+        Returns
+        -------
+        xarray.DataArray
+            int64 counts, dims ``(by, "bin")``.
+
+        Examples
+        --------
+        >>> ds.nasar.histogram(bins=200).compute()  # doctest: +SKIP
+        """
         return stats.histogram(self._ds, var, bins=bins, range=range, transform=transform,
                                **options)
 
@@ -222,7 +440,28 @@ class NasarAccessor:
         var: str = "rtc",
         **options: Any,
     ) -> xr.DataArray:
-        """One-pass corpus quantiles; see :func:`nasar_zarr.stats.quantiles`."""
+        """Corpus quantiles in one pass, from a fine histogram.
+
+        Delegates to :func:`nasar_zarr.stats.quantiles`.
+
+        Parameters
+        ----------
+        q
+            Quantiles in [0, 1].
+        var
+            The variable (``"rtc"``).
+        **options
+            ``bins``, ``range``, ``transform``, ``by`` as :meth:`histogram`.
+
+        Returns
+        -------
+        xarray.DataArray
+            float64, dims ``(by, "quantile")``; ``accuracy`` attribute = bin width.
+
+        Examples
+        --------
+        >>> ds.nasar.quantiles((0.01, 0.99)).compute()  # doctest: +SKIP
+        """
         return stats.quantiles(self._ds, q, var=var, **options)
 
 

@@ -36,6 +36,7 @@ def plan_conversion(
     storage_options: Mapping[str, Any] | None = None,
     index_threads: int = 8,
     columns: Mapping[str, str] | None = None,
+    client: Any = None,
 ) -> ConversionPlan:
     """Plan the conversion of the corpus at ``src`` into a cube at ``dest``.
 
@@ -63,6 +64,9 @@ def plan_conversion(
         Metadata columns for the roles ``lat``, ``lon``, ``footprint``, ``time``,
         ``secondary_time`` (and the others of :class:`nasar_zarr.columns.ColumnRoles`)
         where recognition by name would not find them; they get CF attributes.
+    client
+        A ``distributed.Client``: the tars are indexed there, one task per tar
+        (tars whose index the cube at ``dest`` already holds are not read again).
 
     Returns
     -------
@@ -92,12 +96,16 @@ def plan_conversion(
         max_member_bytes=max_member_bytes,
         columns=tuple(sorted((columns or {}).items())),
     )
-    table = corpus.read_metadata(src, storage_options)
-    recognise(table.column_names, **dict(options.columns))  # a wrong name fails here
+    # Only the sharding columns: the others are read when the skeleton is written.
+    table = corpus.read_metadata(src, storage_options, columns=())
+    recognise(corpus.metadata_columns(src, storage_options), **dict(options.columns))
     summary = corpus.read_summary(src, storage_options)
     keys = table.column(schema.KEY_COLUMN).to_pylist()
-    shard_of_row = table.column(schema.SHARD_PATH_COLUMN).to_pylist()
-    tar_paths = sorted(set(corpus.list_tar_shards(src, storage_options)) | set(shard_of_row))
+    shard_of_row = table.column(schema.SHARD_PATH_COLUMN)
+    tar_paths = sorted(
+        set(corpus.list_tar_shards(src, storage_options))
+        | set(shard_of_row.unique().to_pylist())
+    )
     indexed = corpus.index_tars(
         src,
         tar_paths,
@@ -105,6 +113,8 @@ def plan_conversion(
         max_member_bytes=max_member_bytes,
         storage_options=storage_options,
         threads=index_threads,
+        cache=dest,
+        client=client,
     )
     return assemble_plan(
         src,
@@ -166,7 +176,8 @@ def append(
             f"{dest}: the cube's conversion never finished its skeleton; run"
             " `nasar-zarr convert` again first"
         )
-    plan = plan_conversion(src, dest, on_error=on_error, storage_options=so, **recorded["layout"])
+    plan = plan_conversion(src, dest, on_error=on_error, storage_options=so, client=client,
+                           **recorded["layout"])
     return append_plan(plan, recorded, client=client, workers=workers, progress=progress)
 
 
@@ -208,7 +219,8 @@ def verify(
     recorded = layout.require_cube(dest, so)
     plan = None
     if src is not None:
-        plan = plan_conversion(src, dest, on_error="skip", storage_options=so, **recorded["layout"])
+        plan = plan_conversion(src, dest, on_error="skip", storage_options=so, client=client,
+                               **recorded["layout"])
     return verify_store(
         dest,
         recorded,

@@ -123,7 +123,7 @@ def array_layout(array: zarr.Array, path: str) -> ArrayLayout | None:
         axis only, the codecs listed in the module docstring, a little-endian
         host, a default chunk key encoding).
     """
-    meta = array.metadata.to_dict()
+    meta: Any = array.metadata.to_dict()
     shape = tuple(int(s) for s in meta.get("shape", ()))
     if sys.byteorder != "little" or meta.get("zarr_format") != 3 or not shape:
         return None
@@ -144,9 +144,12 @@ def array_layout(array: zarr.Array, path: str) -> ArrayLayout | None:
         config = codecs[0]["configuration"]
         inner_shape = tuple(config["chunk_shape"])
         index_codecs = [c.get("name") for c in config.get("index_codecs", [])]
-        if (tuple(inner_shape[1:]) != shape[1:] or outer[0] % inner_shape[0]
-                or config.get("index_location", "end") != "end"
-                or index_codecs != ["bytes", "crc32c"]):
+        if (
+            tuple(inner_shape[1:]) != shape[1:]
+            or outer[0] % inner_shape[0]
+            or config.get("index_location", "end") != "end"
+            or index_codecs != ["bytes", "crc32c"]
+        ):
             return None
         compressor = _compressor(config.get("codecs", []))
         inner = int(inner_shape[0])
@@ -156,10 +159,18 @@ def array_layout(array: zarr.Array, path: str) -> ArrayLayout | None:
     if compressor is None:
         return None
     fill = array.fill_value
-    return ArrayLayout(path=str(path), shape=shape, dtype=dtype.str, shard=int(outer[0]),
-                       inner=inner, compressor=compressor, sharded=sharded,
-                       fill_value=None if fill is None else np.asarray(fill, dtype).item(),
-                       key_prefix="c" + separator, separator=separator)
+    return ArrayLayout(
+        path=str(path),
+        shape=shape,
+        dtype=dtype.str,
+        shard=int(outer[0]),
+        inner=inner,
+        compressor=compressor,
+        sharded=sharded,
+        fill_value=None if fill is None else np.asarray(fill, dtype).item(),
+        key_prefix="c" + separator,
+        separator=separator,
+    )
 
 
 def _decode_into(compressor: str, data: memoryview, out: np.ndarray) -> None:
@@ -186,8 +197,9 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     while len(data) < size:  # pread may return less than asked on some filesystems
         more = os.pread(fd, size - len(data), offset + len(data))
         if not more:
-            raise ShardFormatError(f"object ends at {offset + len(data)}, expected"
-                                   f" {offset + size} bytes")
+            raise ShardFormatError(
+                f"object ends at {offset + len(data)}, expected {offset + size} bytes"
+            )
         data += more
     return data
 
@@ -213,8 +225,12 @@ def _map_whole(fd: int, size: int) -> mmap.mmap | None:
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
 
 
-def _read_object(layout: ArrayLayout, obj: int, chunks: np.ndarray,
-                 sink: Callable[[int, memoryview | None], None]) -> None:
+def _read_object(
+    layout: ArrayLayout,
+    obj: int,
+    chunks: np.ndarray,
+    sink: Callable[[int, memoryview | None], None],
+) -> None:
     """Decode inner chunks ``chunks`` (indices within object ``obj``) through ``sink``.
 
     ``sink(chunk, data)`` gets each chunk's encoded bytes, or None for a chunk
@@ -242,7 +258,7 @@ def _read_object(layout: ArrayLayout, obj: int, chunks: np.ndarray,
             mapped = _map_whole(fd, size)
         if mapped is not None:
             with memoryview(mapped) as data:
-                index = _index(layout, bytes(data[max(0, size - tail):]), path)
+                index = _index(layout, bytes(data[max(0, size - tail) :]), path)
                 for c in chunks:
                     with _chunk_bytes(index, int(c), size, path, data=data) as view:
                         sink(int(c), view)
@@ -258,9 +274,15 @@ def _read_object(layout: ArrayLayout, obj: int, chunks: np.ndarray,
 
 
 @contextlib.contextmanager
-def _chunk_bytes(index: np.ndarray, c: int, size: int, path: str, *,
-                 data: memoryview | None = None, fd: int | None = None
-                 ) -> Iterator[memoryview | None]:
+def _chunk_bytes(
+    index: np.ndarray,
+    c: int,
+    size: int,
+    path: str,
+    *,
+    data: memoryview | None = None,
+    fd: int | None = None,
+) -> Iterator[memoryview | None]:
     offset, nbytes = (int(v) for v in index[c])
     if offset == EMPTY and nbytes == EMPTY:
         yield None
@@ -268,14 +290,14 @@ def _chunk_bytes(index: np.ndarray, c: int, size: int, path: str, *,
     if offset + nbytes > size:
         raise ShardFormatError(f"{path}: inner chunk {c} runs past the object's end")
     if data is not None:
-        with data[offset:offset + nbytes] as view:
+        with data[offset : offset + nbytes] as view:
             yield view
     else:
         assert fd is not None
         yield memoryview(_pread(fd, nbytes, offset))
 
 
-def read_rows(layout: ArrayLayout, rows: np.ndarray | slice) -> np.ndarray:
+def read_rows(layout: ArrayLayout, rows: Any) -> np.ndarray:
     """Samples ``rows`` of the array (every other axis whole), decoded straight into place.
 
     Parameters
@@ -304,7 +326,7 @@ def read_rows(layout: ArrayLayout, rows: np.ndarray | slice) -> np.ndarray:
         start, stop, step = rows.indices(n)
         if step != 1:
             return read_rows(layout, np.arange(start, stop, step))
-        wanted = np.arange(start, max(start, stop))
+        wanted: np.ndarray = np.arange(start, max(start, stop))
         order = None
     else:
         positions = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -336,14 +358,14 @@ def _fill(layout: ArrayLayout, wanted: np.ndarray, out: np.ndarray) -> None:
             hi = min(lo + inner, n)
             if contiguous:
                 a, b = max(lo, first), min(hi, first + len(out))
-                dest = out[a - first:b - first]
+                dest = out[a - first : b - first]
                 if data is None:
                     dest[...] = layout.fill_value
                     return
                 if a == lo and b == lo + inner:  # whole chunk in place: no copy
                     _decode_into(layout.compressor, data, dest)
                     return
-                src_rows = slice(a - lo, b - lo)
+                src_rows: Any = slice(a - lo, b - lo)
             else:
                 k0, k1 = np.searchsorted(wanted, [lo, hi])
                 dest_idx = np.arange(k0, k1)
@@ -378,7 +400,8 @@ class FastBackendArray(BackendArray):
 
     def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
         return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.OUTER_1VECTOR, self._getitem)
+            key, self.shape, indexing.IndexingSupport.OUTER_1VECTOR, self._getitem
+        )
 
     def _getitem(self, key: tuple) -> np.ndarray:
         first, rest = key[0], tuple(key[1:])
@@ -413,7 +436,15 @@ def fast_array(array: zarr.Array, path: str) -> FastBackendArray | None:
     return None if layout is None else FastBackendArray(layout)
 
 
-def layouts(group: zarr.Group, root: str, names: Mapping[str, Any] | list[str]
-            ) -> dict[str, ArrayLayout | None]:
+def layouts(
+    group: zarr.Group, root: str, names: Mapping[str, Any] | list[str]
+) -> dict[str, ArrayLayout | None]:
     """:func:`array_layout` of each named array of ``group`` stored under the local ``root``."""
-    return {name: array_layout(group[name], os.path.join(root, name)) for name in names}
+    return {name: array_layout(_array(group, name), os.path.join(root, name)) for name in names}
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{name!r} is a group, not an array")
+    return node

@@ -34,6 +34,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
+import zarr
 from intake.source.base import DataSource, Schema
 from intake_xarray.xzarr import ZarrSource
 
@@ -182,8 +183,8 @@ def store_shard_size(store_url: str, *, storage_options: Mapping[str, Any] | Non
     layout = read_provenance(group.attrs).get("layout", {})
     if layout.get("shard"):
         return int(layout["shard"])
-    if "rtc" in group:
-        arr = group["rtc"]
+    arr = group.get("rtc")
+    if isinstance(arr, zarr.Array):
         return int((arr.shards or arr.chunks)[0])
     raise StoreError(f"{store_url}: no {PROVENANCE_ATTR!r} layout attributes and no 'rtc' array;"
                      " is this a nasar-zarr cube?")
@@ -217,8 +218,8 @@ def catalog_spec(store_url: str, *, shard: int | None = None, metadata_url: str 
     dict
         The YAML document.
     """
-    url = "{{ url if url else %s }}" % json.dumps(store_url)
-    parquet = "{{ metadata_url if metadata_url else %s }}" % json.dumps(metadata_url or "")
+    url = "{{ url if url else " + json.dumps(store_url) + " }}"
+    parquet = "{{ metadata_url if metadata_url else " + json.dumps(metadata_url or "") + " }}"
     chunks = f" ({shard} samples per shard)" if shard else ""
     return {
         "metadata": {

@@ -130,6 +130,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="store URL the Zarr asset points to (default: DEST)")
     _add_storage(p)
 
+    p = sub.add_parser("export", help="write a selection of a cube to netCDF-4 or a new Zarr store")
+    p.add_argument("dest", help="the cube: local path or fsspec URL")
+    p.add_argument("out", help="output: *.nc (netCDF-4) or *.zarr, or see --format")
+    p.add_argument("--format", choices=("netcdf", "zarr"), default=None,
+                   help="output format (default: from OUT's suffix)")
+    p.add_argument("--min-quality", type=float, default=None, metavar="Q",
+                   help="keep quality_score >= Q")
+    p.add_argument("--require-cross-pol", action="store_true",
+                   help="keep samples with a cross-pol channel")
+    p.add_argument("--bbox", type=float, nargs=4, default=None, metavar=("W", "S", "E", "N"),
+                   help="patch centre inside lon W..E, lat S..N (degrees, inclusive)")
+    p.add_argument("--time", nargs=2, default=None, metavar=("START", "END"),
+                   help="prime acquisition time in [START, END] (UTC; '' for an open end)")
+    p.add_argument("--normalized", action="store_true",
+                   help="write the release loader's normalized variables instead of raw ones")
+    p.add_argument("--piece", type=int, default=None, metavar="N",
+                   help="samples per piece written (default: the cube's shard)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_storage(p)
+
     p = sub.add_parser("view", help="browse a cube in a web browser (static page, local server)")
     p.add_argument("dest", nargs="?", help="the cube: local path (not needed with --export)")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free)")
@@ -246,11 +267,24 @@ def _summary(ds, dest: str, storage_options) -> None:
     report = store.read_json(dest, REJECTIONS_FILE, storage_options, default={})
     for item in report.get("rejected", [])[:20]:
         print(f"  rejected {item['shard']}: {item['key']!r}: {item['reason']}")
+    n_rejected = report.get("counts", {}).get("rejected", len(report.get("rejected", [])))
+    if n_rejected > 20:
+        print(f"  ... and {n_rejected - 20:,} more rejected; by reason:")
+        reasons = list(report.get("by_reason", {}).items())
+        for reason, n in reasons[:10]:
+            print(f"  {n:>11,}  {reason}")
+        if len(reasons) > 10:
+            print(f"  ... and {len(reasons) - 10} other reasons")
     for item in report.get("nonfinite", [])[:20]:
         print(f"  non-finite values kept as they are in {item['shard']}: {item['key']!r}:"
               f" {item['nonfinite_values']}")
+    n_nonfinite = report.get("counts", {}).get("nonfinite", len(report.get("nonfinite", [])))
+    if n_nonfinite > 20:
+        print(f"  ... and {n_nonfinite - 20:,} more samples with non-finite values")
     if report.get("rejected") or report.get("nonfinite"):
-        print(f"report: {dest.rstrip('/')}/{REJECTIONS_FILE}")
+        every = report.get("all_rejected")
+        print(f"report: {dest.rstrip('/')}/{REJECTIONS_FILE}"
+              + (f" (every rejected sample: {dest.rstrip('/')}/{every})" if every else ""))
 
 
 def _append(args) -> int:
@@ -314,6 +348,19 @@ def _view(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export
+
+    time = None if args.time is None else tuple(t or None for t in args.time)
+    res = export(args.dest, args.out, format=args.format, min_quality=args.min_quality,
+                 require_cross_pol=args.require_cross_pol, bbox=args.bbox, time=time,
+                 normalized=args.normalized, piece=args.piece, overwrite=args.overwrite,
+                 progress=not args.no_progress, storage_options=args.storage_options)
+    print(f"wrote {res.n_samples} samples to {res.path} ({res.format}, {res.pieces} pieces of"
+          f" <= {res.piece} samples)")
+    return 0
+
+
 def _stac(args) -> int:
     from .stac import write_stac
 
@@ -322,6 +369,6 @@ def _stac(args) -> int:
     return 0
 
 
-_COMMANDS = {"stac": _stac,
+_COMMANDS = {"stac": _stac, "export": _export,
              "synth": _synth, "convert": _convert, "info": _info, "catalog": _catalog,
              "append": _append, "verify": _verify, "view": _view}

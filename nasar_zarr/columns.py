@@ -17,11 +17,15 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import xarray as xr
+
 from .errors import MetadataError
+from .store import read_provenance
 
 ROLES_ATTR = "nasar_columns"  # root attribute (JSON string) naming the recognised columns
 ROLE_ATTR = "nasar_role"  # coordinate attribute: the role of that column, if any
@@ -401,9 +405,62 @@ def cf_attrs(column: str, values: np.ndarray, roles: ColumnRoles) -> dict[str, s
     return {"long_name": long_name, ROLE_ATTR: role, **cf}
 
 
+
+def dataset_roles(ds: xr.Dataset) -> ColumnRoles:
+    """The metadata roles of a cube: as recorded at conversion, else recognised.
+
+    Parameters
+    ----------
+    ds
+        A cube (``open_cube``).
+
+    Returns
+    -------
+    ColumnRoles
+        From the root attribute ``nasar_columns`` or the provenance's ``columns``
+        where the converter recorded them, else from the coordinates' ``nasar_role``
+        attributes, else recognised from the metadata column names.
+
+    Examples
+    --------
+    >>> dataset_roles(ds).lat  # doctest: +SKIP
+    'center_lat'
+    """
+    recorded = ds.attrs.get(ROLES_ATTR) or read_provenance(ds.attrs).get("columns")
+    if recorded:
+        return roles_from_attr(recorded)
+    tagged = {
+        c.attrs[ROLE_ATTR]: c.attrs["nasar_column"]
+        for c in ds.coords.values()
+        if ROLE_ATTR in c.attrs and "nasar_column" in c.attrs
+    }
+    if tagged:
+        return roles_from_attr(tagged)
+    names = [c.attrs["nasar_column"] for c in ds.coords.values() if "nasar_column" in c.attrs]
+    return recognise(names)
+
+
+def role_coordinate(ds: xr.Dataset, role: str, default: str | None = None) -> str | None:
+    """The coordinate of ``ds`` holding the column that plays ``role`` (or ``default``).
+
+    Examples
+    --------
+    >>> role_coordinate(ds, "lat")  # doctest: +SKIP
+    'center_lat'
+    """
+    column = getattr(dataset_roles(ds), role) or default
+    if column is None:
+        return None
+    for name, coord in ds.coords.items():
+        if coord.attrs.get("nasar_column") == column:
+            return str(name)
+    return column if column in ds.coords else None
+
 __all__ = [
     "ROLES",
     "ROLES_ATTR",
+    "dataset_roles",
+    "role_coordinate",
     "ROLE_ATTR",
     "SPELLINGS",
     "ColumnRoles",

@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -24,12 +26,27 @@ from .errors import MetadataError, SourceError
 from .plan import IndexedTar, TarShard
 
 
-def read_metadata(src: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """The metadata table in release order (rows sorted by shard, then index in shard)."""
+NO_LISTING = ("http", "https")  # protocols whose directories cannot be listed
+
+
+def read_metadata(
+    src: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """The metadata table in release order (rows sorted by shard, then index in shard).
+
+    ``columns`` reads only those (the sharding columns are always read); planning
+    needs no more, which keeps a million rows' footprints and granule names out
+    of memory until the skeleton is written.
+    """
     url = source.join(src, schema.METADATA_FILE)
+    if columns is not None:
+        columns = list(dict.fromkeys([*schema.SHARDING_COLUMNS, *columns]))
     try:
         with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-            table = pq.read_table(f)
+            table = pq.read_table(f, columns=columns)
     except FileNotFoundError:
         fs, root = fsspec.core.url_to_fs(src, **dict(storage_options or {}))
         if not fs.exists(root):
@@ -48,6 +65,12 @@ def read_metadata(src: str, storage_options: Mapping[str, Any] | None = None) ->
     for col in schema.SHARDING_COLUMNS:
         if table.column(col).null_count:
             raise MetadataError(f"{url}: column {col!r} has missing values")
+    shard_index = table.column(schema.SHARD_INDEX_COLUMN).to_numpy()
+    in_shard = table.column(schema.INDEX_IN_SHARD_COLUMN).to_numpy()
+    if np.all((shard_index[1:] > shard_index[:-1]) | (
+        (shard_index[1:] == shard_index[:-1]) & (in_shard[1:] >= in_shard[:-1])
+    )):
+        return table  # already in release order: no copy
     order = pc.sort_indices(
         table,
         sort_keys=[
@@ -56,6 +79,13 @@ def read_metadata(src: str, storage_options: Mapping[str, Any] | None = None) ->
         ],
     )
     return table.take(order)
+
+
+def metadata_columns(src: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The column names of ``metadata.parquet`` (its footer only)."""
+    url = source.join(src, schema.METADATA_FILE)
+    with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
+        return list(pq.read_schema(f).names)
 
 
 def read_summary(src: str, storage_options: Mapping[str, Any] | None = None) -> dict:
@@ -71,7 +101,13 @@ def read_summary(src: str, storage_options: Mapping[str, Any] | None = None) -> 
 
 
 def list_tar_shards(src: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Relative paths of the tar shards under ``src/data``, sorted."""
+    """Relative paths of the tar shards under ``src/data``, sorted.
+
+    HTTP(S) servers cannot list: there the tars are those ``metadata.parquet``
+    names (its ``shard_path`` column), and this returns an empty list.
+    """
+    if src.split("://", 1)[0] in NO_LISTING:
+        return []
     fs, root = fsspec.core.url_to_fs(src, **dict(storage_options or {}))
     root = root.rstrip("/")
     found = fs.glob(f"{root}/{schema.SHARD_GLOB}")
@@ -109,32 +145,186 @@ def index_tars(
     max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES,
     storage_options: Mapping[str, Any] | None = None,
     threads: int = 8,
+    cache: str | None = None,
+    client: Any = None,
 ) -> list[IndexedTar]:
-    """Fingerprint and index each tar (member byte ranges per sample), in a thread pool.
+    """Fingerprint and index each tar (member byte ranges per sample).
 
+    A tar whose index is saved in the cube at ``cache`` (see :func:`save_indexes`)
+    with the same size and modification time or ETag is not read again. The
+    others are indexed in a thread pool here, or with ``client`` (a
+    ``distributed.Client``) as one task per tar on the cluster's workers.
     A missing tar, or with ``on_error="skip"`` a damaged one, becomes a problem of
     its :class:`IndexedTar` instead of an exception.
+
+    Parameters
+    ----------
+    src
+        The release root.
+    paths
+        Tar paths relative to ``src``.
+    on_error
+        ``raise`` (the first problem raises) or ``skip`` (problems are collected).
+    max_member_bytes
+        Members larger than this are problems.
+    storage_options
+        fsspec options for ``src`` and ``cache``.
+    threads
+        Tars indexed at once in this process.
+    cache
+        A cube (path or URL) whose saved indexes may be reused.
+    client
+        Index on this cluster instead of in this process.
+
+    Returns
+    -------
+    list of IndexedTar
+        In the order of ``paths``.
+
+    Examples
+    --------
+    >>> tars = index_tars("corpus", list_tar_shards("corpus"))  # doctest: +SKIP
     """
+    so = dict(storage_options or {})
+    saved = saved_indexes(cache, so) if cache else {}
+    found: dict[str, IndexedTar] = {}
 
-    def index_one(path: str) -> IndexedTar:
+    def reuse(path: str) -> IndexedTar | None:
+        if path not in saved:
+            return None
         try:
-            before = fingerprint(src, path, storage_options)
+            now = fingerprint(src, path, so)
         except FileNotFoundError:
-            problem = SourceError("tar shard not found", shard=path)
-            return IndexedTar(TarShard(path, 0, 0), (), (problem,))
-        problems: list[SourceError] = []
-        entries = source.index_shard(
-            source.join(src, path),
-            shard=path,
-            storage_options=storage_options,
-            max_member_bytes=max_member_bytes,
-            problems=None if on_error == "raise" else problems,
-        )
-        shard = TarShard(path, before.size, len(entries), before.mtime, before.etag)
-        return IndexedTar(shard, tuple(entries), tuple(problems))
+            return None
+        return load_index(cache, path, now, max_member_bytes, so)  # type: ignore[arg-type]
 
-    with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
-        return list(pool.map(index_one, paths))
+    if saved:
+        with ThreadPoolExecutor(max(1, min(threads, len(saved)))) as pool:
+            for path, tar in zip(paths, pool.map(reuse, paths), strict=True):
+                if tar is not None:
+                    found[path] = tar
+    todo = [p for p in paths if p not in found]
+    kwargs = {"on_error": on_error, "max_member_bytes": max_member_bytes, "storage_options": so}
+    if client is not None and todo:
+        from .runner import run_calls
+
+        calls = [((src, path), kwargs) for path in todo]
+        for tar in run_calls(index_tar_task, calls, client=client, desc="index"):
+            found[tar.shard.path] = tar
+    elif todo:
+        with ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
+            for tar in pool.map(lambda p: index_tar_task(src, p, **kwargs), todo):
+                found[tar.shard.path] = tar
+    return [found[p] for p in paths]
+
+
+def index_tar_task(
+    src: str,
+    path: str,
+    *,
+    on_error: str = "raise",
+    max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES,
+    storage_options: Mapping[str, Any] | None = None,
+) -> IndexedTar:
+    """Fingerprint and index one tar (a task of its own on a cluster)."""
+    try:
+        before = fingerprint(src, path, storage_options)
+    except FileNotFoundError:
+        problem = SourceError("tar shard not found", shard=path)
+        return IndexedTar(TarShard(path, 0, 0), source.TarIndex.empty(), (problem,))
+    problems: list[SourceError] = []
+    index = source.index_tar(
+        source.join(src, path),
+        shard=path,
+        storage_options=storage_options,
+        max_member_bytes=max_member_bytes,
+        problems=None if on_error == "raise" else problems,
+        size=before.size,
+    )
+    shard = TarShard(path, before.size, len(index), before.mtime, before.etag)
+    return IndexedTar(shard, index, tuple(problems))
+
+
+# ---------------------------------------------------------------------------- saved indexes
+
+_INDEX_FORMAT = "nasar-zarr-tar-index/1"
+
+
+def saved_indexes(dest: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """Tar paths whose index the cube at ``dest`` holds (one listing)."""
+    from . import store
+
+    fs, root = store.filesystem(dest, storage_options)
+    prefix = f"{root}/{store.INDEX_DIR}/"
+    try:
+        found = fs.find(prefix)
+    except (FileNotFoundError, OSError):
+        return set()
+    return {p[len(prefix) : -len(".arrow")] for p in found if p.endswith(".arrow")}
+
+
+def save_index(
+    dest: str, tar: TarShard, index: source.TarIndex,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Save one tar's index in the cube (an Arrow IPC file keyed by the tar's fingerprint)."""
+    from . import store
+
+    table = index.to_table().replace_schema_metadata({
+        "nasar_zarr": json.dumps({"format": _INDEX_FORMAT, "tar": vars(tar),
+                                  "max_size": int(index.size.max(initial=0))}),
+    })
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    fs, root = store.filesystem(dest, storage_options)
+    path = f"{root}/{store.index_path(tar.path)}"
+    if not source.is_remote(dest):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, sink.getvalue().to_pybytes())
+
+
+def load_index(
+    dest: str, path: str, now: TarShard, max_member_bytes: int,
+    storage_options: Mapping[str, Any] | None = None,
+) -> IndexedTar | None:
+    """The saved index of tar ``path`` if it is still valid for the tar as it is ``now``."""
+    from . import store
+
+    fs, root = store.filesystem(dest, storage_options)
+    try:
+        data = fs.cat_file(f"{root}/{store.index_path(path)}")
+        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        meta = json.loads((table.schema.metadata or {})[b"nasar_zarr"])
+    except (FileNotFoundError, KeyError, ValueError, pa.ArrowInvalid):
+        return None
+    if meta.get("format") != _INDEX_FORMAT:
+        return None
+    then = TarShard(**meta["tar"])
+    if then.differs_from(now) or (now.mtime or now.etag) is None:
+        return None  # changed (or nothing to tell): index it again
+    if meta["max_size"] > max_member_bytes:
+        return None  # members now over the cap: their problems come from a new index
+    index = source.TarIndex.from_table(table.replace_schema_metadata(None))
+    return IndexedTar(TarShard(path, now.size, len(index), now.mtime, now.etag), index, ())
+
+
+def save_indexes(
+    dest: str,
+    tars: Sequence[TarShard],
+    indexes: Sequence[source.TarIndex],
+    *,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    storage_options: Mapping[str, Any] | None = None,
+) -> int:
+    """Save the indexes the cube does not hold yet (tars in ``skip`` are left out);
+    returns how many were written."""
+    have = saved_indexes(dest, storage_options)
+    todo = [(t, i) for t, i in zip(tars, indexes, strict=True)
+            if t.path not in have and t.path not in skip and t.size and (t.mtime or t.etag)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda ti: save_index(dest, *ti, storage_options), todo))
+    return len(todo)
 
 
 def current_tars(

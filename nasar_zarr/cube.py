@@ -19,7 +19,10 @@ from . import schema, store
 ATTRS_KEY = store.PROVENANCE_ATTR
 
 
-MAX_DASK_CHUNKS = 256  # along sample: a full mean of all 8 variables stays < 5,000 tasks
+# Along sample: a full mean of all 8 variables is ~3 tasks per chunk and variable (read,
+# partial mean, and a binary combine tree: dask splits its default split_every=16 over the
+# 6 reduced axes), so 200 chunks keep it under 5,000 tasks at 1.1 M samples.
+MAX_DASK_CHUNKS = 200
 # Encodings that describe the source store's chunk layout; a dataset carrying them cannot be
 # written elsewhere (to_zarr refuses dask chunks that straddle them), so open_cube drops them.
 LAYOUT_ENCODINGS = ("chunks", "preferred_chunks", "shards", "compressors", "filters",
@@ -53,14 +56,18 @@ def open_cube(
         fsspec options (e.g. ``{"endpoint_url": ...}`` for an S3-compatible server).
     chunks
         ``"shards"`` (default): as many whole shards per dask chunk as keep the
-        chunk count along ``sample`` at most :data:`MAX_DASK_CHUNKS` (256), so a
+        chunk count along ``sample`` at most :data:`MAX_DASK_CHUNKS` (200), so a
         full-corpus reduction stays under 5,000 tasks: one shard per chunk up to
-        131,072 samples (default shard 512), 9 shards (~2.3 GB of ``rtc``) at the
-        full 1.1 M. ``"shard"``: exactly one shard per chunk (smaller tasks,
+        102,400 samples (default shard 512), 11 shards (~2.9 GB of ``rtc`` per
+        chunk) at the full 1.1 M. ``"shard"``: exactly one shard per chunk (smaller tasks,
         more of them). An int or ``{"sample": n}``: ``n`` samples per chunk for
         every variable. ``"large"`` is the former name of the default. None:
-        no dask; lazily indexed numpy arrays (as :func:`xarray.open_zarr` with
-        ``chunks=None``).
+        no dask; lazily indexed arrays (read on ``.values``/``.load()``), which
+        is how to read a scattered few samples: ``open_cube(url,
+        chunks=None).isel(sample=[i, j, k]).load()`` reads only their inner
+        chunks, while on dask-chunked variables dask's ``take`` (a shuffle
+        since dask 2024.x) reads each touched dask chunk whole. A contiguous
+        ``isel(sample=slice(i, j))`` reads only its inner chunks either way.
     engine
         ``"auto"`` (default): the fast reader where it applies, zarr-python
         elsewhere; ``"fast"``: the fast reader or a ``ValueError``; ``"zarr"``:
@@ -90,11 +97,9 @@ def open_cube(
         warnings.simplefilter("ignore", UserWarning)
         ds = xr.open_zarr(zstore, chunks=None, zarr_format=3, **kwargs)
     ds = _drop_layout_encodings(ds)
-    if chunks is None:
-        return ds
     n = ds.sizes.get(schema.SAMPLE_DIM, 0)
-    size = _sample_chunk(ds, n, chunks)
-    fast = _fast_arrays(url, list(ds.data_vars), engine) if engine != "zarr" else {}
+    size = None if chunks is None else _sample_chunk(ds, n, chunks)
+    fast = _fast_arrays(url, [str(v) for v in ds.data_vars], engine) if engine != "zarr" else {}
     token = dask_tokenize(url, provenance(ds).get("created"), n, size)
     out = {}
     for name, var in ds.data_vars.items():
@@ -102,8 +107,11 @@ def open_cube(
         if name in fast and var.dims[:1] == (schema.SAMPLE_DIM,):
             variable = xr.Variable(var.dims, indexing.LazilyIndexedArray(fast[name]),
                                    var.attrs, var.encoding)
-        out[name] = variable.chunk({schema.SAMPLE_DIM: size} if schema.SAMPLE_DIM in var.dims
-                                   else {}, name=f"open_cube-{name}-{token}")
+        if size is not None:
+            variable = variable.chunk({schema.SAMPLE_DIM: size}
+                                      if schema.SAMPLE_DIM in var.dims else {},
+                                      name=f"open_cube-{name}-{token}")
+        out[name] = variable
     return ds.assign(out)
 
 
@@ -146,8 +154,8 @@ def dask_chunk_size(n_samples: int, shard: int, chunks: int | str = "shards") ->
 
     Examples
     --------
-    >>> dask_chunk_size(1_099_604, 512)  # 9 shards: 239 chunks, a full mean < 5,000 tasks
-    4608
+    >>> dask_chunk_size(1_099_604, 512)  # 11 shards: 196 chunks, a full mean < 5,000 tasks
+    5632
     """
     if isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
         if chunks < 1:
@@ -191,7 +199,7 @@ def _fast_arrays(url: str, names: list[str], engine: str) -> dict[str, Any]:
     group = store.open_group(root)
     out = {}
     for name in names:
-        array = backend.fast_array(group[name], os.path.join(root, name))
+        array = backend.fast_array(backend._array(group, name), os.path.join(root, name))
         if array is None and engine == "fast":
             raise ValueError(f"{url}: variable {name!r} is not in a layout the fast reader"
                              " decodes; use engine='auto' or 'zarr'")

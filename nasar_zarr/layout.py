@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -302,19 +304,79 @@ def save_indexes(plan: ConversionPlan) -> int:
     )
 
 
+REPORT_EXAMPLES = 1000  # rejections.json lists this many of each kind; the Parquet report all
+
+
 def finalize(plan: ConversionPlan) -> None:
-    """Write the rejection report (plan + tasks) and consolidate the metadata."""
+    """Write the rejection report (plan + tasks) and consolidate the metadata.
+
+    ``_nasar/rejections.parquet`` holds every rejected sample (shard, key,
+    reason, row); ``_nasar/rejections.json`` the counts, the counts by reason
+    and the first :data:`REPORT_EXAMPLES` rejected and non-finite samples (all of
+    them in a small run). Task records are read one at a time, so a million
+    rejections never sit in memory as Python objects.
+    """
     so = plan.storage_options
-    records = store.task_records(plan.dest, so)
-    report = [
-        {"shard": r.shard, "key": r.key, "reason": r.reason, "row": r.row} for r in plan.rejected
-    ] + [rej for rec in records for rej in rec["rejections"]]
-    nonfinite = [nf for rec in records for nf in rec["nonfinite"]]
-    store.write_json(
-        plan.dest, store.REJECTIONS_FILE, {"rejected": report, "nonfinite": nonfinite}, so
-    )
+    tables: list[pa.Table] = []
+    examples: list[dict] = []
+    nonfinite: list[dict] = []
+    by_reason: Counter[str] = Counter()
+    n_nonfinite = 0
+
+    def add(rows: list[dict]) -> None:
+        if not rows:
+            return
+        tables.append(pa.table({
+            "shard": pa.array([r["shard"] for r in rows], pa.string()),
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "reason": pa.array([r["reason"] for r in rows], pa.string()),
+            "row": pa.array([r["row"] for r in rows], pa.int64()),
+        }))
+        by_reason.update(reason_kind(r["reason"]) for r in rows)
+        examples.extend(rows[: max(0, REPORT_EXAMPLES - len(examples))])
+
+    add([{"shard": r.shard, "key": r.key, "reason": r.reason, "row": r.row}
+         for r in plan.rejected])
+    for path in store.list_json(plan.dest, store.TASKS_DIR, so):
+        record = store.read_json(plan.dest, path, so)
+        add(record["rejections"])
+        n_nonfinite += len(record["nonfinite"])
+        nonfinite.extend(record["nonfinite"][: max(0, REPORT_EXAMPLES - len(nonfinite))])
+    n_rejected = sum(t.num_rows for t in tables)
+    if tables:
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.concat_tables(tables), sink, compression="zstd")
+        fs, root = store.filesystem(plan.dest, so)
+        fs.pipe_file(f"{root}/{store.REJECTIONS_PARQUET}", sink.getvalue().to_pybytes())
+    else:
+        store.remove(plan.dest, store.REJECTIONS_PARQUET, so)
+    store.write_json(plan.dest, store.REJECTIONS_FILE, {
+        "rejected": examples,
+        "nonfinite": nonfinite,
+        "counts": {"rejected": n_rejected, "nonfinite": n_nonfinite},
+        "by_reason": dict(by_reason.most_common()),
+        "complete": n_rejected <= REPORT_EXAMPLES and n_nonfinite <= REPORT_EXAMPLES,
+        "all_rejected": store.REJECTIONS_PARQUET if tables else None,
+    }, so)
     fault_point("before-consolidate")
     store.consolidate(plan.dest, so)
+
+
+def reason_kind(reason: str) -> str:
+    """A rejection reason with its names and numbers left out, for counting by kind.
+
+    Examples
+    --------
+    >>> reason_kind("truncated tar: member 'k.npz' has 1,024 of 2,048 bytes")
+    "truncated tar: member '…' has N of N bytes"
+    """
+    return _NUMBER.sub("N", _QUOTED.sub("'…'", reason))
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBER = re.compile(r"\d[\d,.]*")
 
 
 def rejected_rows_by_task(plan: ConversionPlan) -> dict[int, list[int]]:

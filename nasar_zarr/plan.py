@@ -10,12 +10,17 @@ one tar and the head of the next without any other task touching its Zarr shard.
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args, overload
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import source
 from .errors import MetadataError, SourceError
@@ -76,13 +81,30 @@ class Rejection:
     row: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReadSpan:
-    """Samples one task reads from one tar: ``rows[i]`` is where ``entries[i]`` goes."""
+    """Samples one task reads from one tar: ``rows[i]`` is where sample ``i`` of ``index`` goes.
+
+    Columnar (numpy arrays and one Arrow string array), so a task carries no
+    per-sample Python objects to the scheduler.
+    """
 
     shard_path: str
-    rows: tuple[int, ...]
-    entries: tuple[source.SampleEntry, ...]
+    rows: np.ndarray  # int64 cube rows, ascending
+    index: source.TarIndex
+
+    @property
+    def entries(self) -> tuple[source.SampleEntry, ...]:
+        """The samples as :class:`~nasar_zarr.source.SampleEntry` objects."""
+        return tuple(self.index.entries())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ReadSpan):
+            return NotImplemented
+        return (self.shard_path == other.shard_path and np.array_equal(self.rows, other.rows)
+                and self.index == other.index)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -126,21 +148,102 @@ class TarShard:
 
 @dataclass(frozen=True)
 class IndexedTar:
-    """A tar's fingerprint, its samples' member ranges, and the problems found in it."""
+    """A tar's fingerprint, its samples' member ranges, and the problems found in it.
+
+    ``entries`` is a :class:`~nasar_zarr.source.TarIndex` (a sequence of
+    :class:`~nasar_zarr.source.SampleEntry` is converted to one).
+    """
 
     shard: TarShard
-    entries: tuple[source.SampleEntry, ...]
+    entries: source.TarIndex
     problems: tuple[SourceError, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.entries, source.TarIndex):
+            object.__setattr__(self, "entries", source.TarIndex.from_entries(self.entries))
+
+    @property
+    def index(self) -> source.TarIndex:
+        return self.entries
+
+
+@dataclass(frozen=True, eq=False)
+class PlanIndex:
+    """Where each cube row's sample is: tar ``row_tar[r]`` (-1: nowhere), sample
+    ``row_pos[r]`` of that tar's index ``tars[row_tar[r]]``."""
+
+    tars: tuple[source.TarIndex, ...]
+    row_tar: np.ndarray  # int32
+    row_pos: np.ndarray  # int64
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PlanIndex):
+            return NotImplemented
+        return (self.tars == other.tars and np.array_equal(self.row_tar, other.row_tar)
+                and np.array_equal(self.row_pos, other.row_pos))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class TaskList(Sequence[ShardTask]):
+    """The plan's tasks, each built when asked for from the columnar index."""
+
+    def __init__(self, plan: ConversionPlan) -> None:
+        self._plan = plan
+        self._n = -(-plan.n_samples // plan.options.shard)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> ShardTask: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ShardTask]: ...
+
+    def __getitem__(self, i: int | slice) -> ShardTask | list[ShardTask]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return _task(self._plan, i)
+
+    def __repr__(self) -> str:
+        return f"<{self._n} shard tasks>"
+
+
+def _task(plan: ConversionPlan, i: int) -> ShardTask:
+    shard = plan.options.shard
+    lo, hi = i * shard, min((i + 1) * shard, plan.n_samples)
+    tar = plan.index.row_tar[lo:hi]
+    located = np.flatnonzero(tar >= 0)
+    spans = []
+    if len(located):
+        tars = tar[located]
+        cuts = np.flatnonzero(tars[1:] != tars[:-1]) + 1
+        for run in np.split(located, cuts):
+            t = int(tar[run[0]])
+            spans.append(ReadSpan(plan.tar_shards[t].path, (run + lo).astype(np.int64),
+                                  plan.index.tars[t].take(plan.index.row_pos[lo + run])))
+    return ShardTask(i, lo, hi, tuple(spans))
 
 
 @dataclass(frozen=True)
 class ConversionPlan:
+    """What a conversion will do: the cube's rows, where each sample's bytes are, the tasks.
+
+    The index is columnar (:class:`PlanIndex`); :attr:`tasks` builds each
+    :class:`ShardTask` (with only its own spans) when it is asked for.
+    """
+
     source: str
     dest: str
     options: ConvertOptions
     sample_keys: tuple[str, ...]
-    tasks: tuple[ShardTask, ...]
     tar_shards: tuple[TarShard, ...]
+    index: PlanIndex
     rejected: tuple[Rejection, ...] = ()
     summary: Mapping[str, Any] = field(default_factory=dict)
     storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -148,6 +251,23 @@ class ConversionPlan:
     @property
     def n_samples(self) -> int:
         return len(self.sample_keys)
+
+    @property
+    def tasks(self) -> TaskList:
+        """One :class:`ShardTask` per Zarr shard, built on access."""
+        return TaskList(self)
+
+    def spanning_tasks(self) -> int:
+        """Tasks that read more than one tar."""
+        rows = np.flatnonzero(self.index.row_tar >= 0)
+        tars = self.index.row_tar[rows]
+        task = rows // self.options.shard
+        change = (tars[1:] != tars[:-1]) & (task[1:] == task[:-1])
+        return int(np.unique(task[1:][change]).size)
+
+    def rejections_by_reason(self) -> dict[str, int]:
+        """How many samples planning rejected, by reason, most frequent first."""
+        return dict(Counter(r.reason for r in self.rejected).most_common())
 
     def __repr__(self) -> str:
         o = self.options
@@ -164,47 +284,74 @@ class ConversionPlan:
         if self.rejected:
             lines.append(f"  rejected:  {len(self.rejected)} samples at planning")
             lines += [f"    {r.shard}: {r.key!r}: {r.reason}" for r in self.rejected[:5]]
-        spanning = sum(len(t.spans) > 1 for t in self.tasks)
-        lines.append(f"  tasks reading more than one tar: {spanning}")
+            reasons = self.rejections_by_reason()
+            if len(self.rejected) > 5:
+                lines.append("  by reason:")
+                lines += [f"    {n:>9,}  {reason}" for reason, n in list(reasons.items())[:10]]
+                if len(reasons) > 10:
+                    lines.append(f"    ... and {len(reasons) - 10} other reasons")
+        lines.append(f"  tasks reading more than one tar: {self.spanning_tasks()}")
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        """A JSON text that :meth:`from_json` turns back into an equal plan (no credentials)."""
-        d = asdict(self)
-        d.pop("storage_options")
+        """A JSON text that :meth:`from_json` turns back into an equal plan (no credentials).
+
+        The index and the sample keys are stored columnar and compressed (zlib,
+        base64), so the text stays small at a million samples.
+        """
+        r = self.rejected
+        d = {
+            "format": PLAN_FORMAT,
+            "source": self.source,
+            "dest": self.dest,
+            "options": asdict(self.options),
+            "tar_shards": [asdict(t) for t in self.tar_shards],
+            "summary": dict(self.summary),
+            "sample_keys": _pack_json(list(self.sample_keys)),
+            "rejected": _pack_json({
+                "shard": [x.shard for x in r], "key": [x.key for x in r],
+                "reason": [x.reason for x in r], "row": [x.row for x in r],
+            }),
+            "row_tar": _pack_array(self.index.row_tar),
+            "row_pos": _pack_array(self.index.row_pos, delta=True),
+            "tars": [_pack_index(t) for t in self.index.tars],
+        }
         return json.dumps(d)
 
     @classmethod
-    def from_json(cls, text: str, *, storage_options: Mapping[str, Any] | None = None):
+    def from_json(
+        cls, text: str, *, storage_options: Mapping[str, Any] | None = None
+    ) -> ConversionPlan:
+        """The plan :meth:`to_json` wrote.
+
+        Raises
+        ------
+        ValueError
+            The text is not a plan of this version's format.
+        """
         d = json.loads(text)
-        tasks = tuple(
-            ShardTask(
-                t["index"], t["start"], t["stop"],
-                tuple(
-                    ReadSpan(
-                        s["shard_path"], tuple(s["rows"]),
-                        tuple(
-                            source.SampleEntry(
-                                e["key"], tuple(source.Member(**m) for m in e["members"])
-                            )
-                            for e in s["entries"]
-                        ),
-                    )
-                    for s in t["spans"]
-                ),
+        if d.get("format") != PLAN_FORMAT:
+            raise ValueError(
+                f"not a nasar-zarr plan of format {PLAN_FORMAT!r} (plan again with this version)"
             )
-            for t in d["tasks"]
-        )
+        r = _unpack_json(d["rejected"])
         return cls(
             source=d["source"],
             dest=d["dest"],
             options=ConvertOptions(
                 **{**d["options"], "columns": tuple(map(tuple, d["options"].get("columns", ())))}
             ),
-            sample_keys=tuple(d["sample_keys"]),
-            tasks=tasks,
+            sample_keys=tuple(_unpack_json(d["sample_keys"])),
             tar_shards=tuple(TarShard(**s) for s in d["tar_shards"]),
-            rejected=tuple(Rejection(**r) for r in d["rejected"]),
+            index=PlanIndex(
+                tuple(_unpack_index(t) for t in d["tars"]),
+                _unpack_array(d["row_tar"]),
+                _unpack_array(d["row_pos"]),
+            ),
+            rejected=tuple(
+                Rejection(*x)
+                for x in zip(r["shard"], r["key"], r["reason"], r["row"], strict=True)
+            ),
             summary=d["summary"],
             storage_options=dict(storage_options or {}),
         )
@@ -249,6 +396,51 @@ class ConversionPlan:
         )
 
 
+PLAN_FORMAT = "nasar-zarr-plan/2"
+
+
+def _pack_json(value: Any) -> str:
+    return base64.b64encode(zlib.compress(json.dumps(value).encode(), 6)).decode()
+
+
+def _unpack_json(text: str) -> Any:
+    return json.loads(zlib.decompress(base64.b64decode(text)))
+
+
+def _pack_array(a: np.ndarray, *, delta: bool = False) -> dict[str, Any]:
+    a = np.ascontiguousarray(a)
+    raw = np.diff(a, prepend=a.dtype.type(0)) if delta and a.size else a
+    return {"dtype": a.dtype.str, "delta": delta,
+            "data": base64.b64encode(zlib.compress(raw.tobytes(), 6)).decode()}
+
+
+def _unpack_array(d: Mapping[str, Any]) -> np.ndarray:
+    a = np.frombuffer(zlib.decompress(base64.b64decode(d["data"])), dtype=np.dtype(d["dtype"]))
+    return np.cumsum(a, dtype=a.dtype) if d.get("delta") else a.copy()
+
+
+def _pack_index(t: source.TarIndex) -> dict[str, Any]:
+    return {
+        "keys": _pack_json(t.keys.to_pylist()),
+        "member_start": _pack_array(t.member_start, delta=True),
+        "offset": _pack_array(t.offset, delta=True),
+        "size": _pack_array(t.size),
+        "suffix": _pack_array(t.suffix),
+        "suffixes": list(t.suffixes),
+    }
+
+
+def _unpack_index(d: Mapping[str, Any]) -> source.TarIndex:
+    return source.TarIndex(
+        pa.array(_unpack_json(d["keys"]), pa.string()),
+        _unpack_array(d["member_start"]),
+        _unpack_array(d["offset"]),
+        _unpack_array(d["size"]),
+        _unpack_array(d["suffix"]),
+        tuple(d["suffixes"]),
+    )
+
+
 # ---------------------------------------------------------------------------- planning
 
 
@@ -256,8 +448,8 @@ def assemble_plan(
     src: str,
     dest: str,
     options: ConvertOptions,
-    keys: Sequence[str],
-    shard_of_row: Sequence[str],
+    keys: Sequence[str] | pa.Array | pa.ChunkedArray,
+    shard_of_row: Sequence[str] | pa.Array | pa.ChunkedArray,
     indexed: Sequence[IndexedTar],
     *,
     summary: Mapping[str, Any] | None = None,
@@ -265,7 +457,40 @@ def assemble_plan(
 ) -> ConversionPlan:
     """The pure core of planning: metadata rows (release order) + tar indexes -> plan.
 
-    ``indexed`` holds one :class:`IndexedTar` per tar shard.
+    ``indexed`` holds one :class:`IndexedTar` per tar shard. Matching is
+    columnar (Arrow hash joins over the keys), so a million samples cost no
+    per-sample Python objects beyond the plan's ``sample_keys``.
+
+    Parameters
+    ----------
+    src, dest
+        Source and destination, as the plan records them.
+    options
+        Layout and policy.
+    keys, shard_of_row
+        Each metadata row's sample key and tar path, in release order.
+    indexed
+        The tars' indexes.
+    summary, storage_options
+        Recorded in the plan.
+
+    Returns
+    -------
+    ConversionPlan
+        The plan.
+
+    Raises
+    ------
+    MetadataError
+        A sample key appears in more than one metadata row.
+    SourceError
+        The first problem, under ``on_error="raise"``.
+
+    Examples
+    --------
+    >>> plan = assemble_plan("src", "dest", ConvertOptions(), [], [], [])
+    >>> plan.n_samples
+    0
     """
     strict = options.on_error == "raise"
     rejected: list[Rejection] = []
@@ -275,47 +500,92 @@ def assemble_plan(
             raise error
         rejected.append(Rejection(error.shard, error.key, error.reason, row))
 
-    row_of_key: dict[str, int] = {}
-    for row, key in enumerate(keys):
-        if key in row_of_key:
-            raise MetadataError(
-                f"metadata.parquet: sample_key {key!r} appears in more than one row"
-            )
-        row_of_key[key] = row
-    located: dict[int, tuple[str, source.SampleEntry]] = {}
-    tar_shards = []
-    for tar in indexed:
-        path, entries = tar.shard.path, tar.entries
-        tar_shards.append(tar.shard)
-        for problem in tar.problems:
-            reject(problem, row_of_key.get(problem.key) if problem.key else None)
-        for entry in entries:
-            row = row_of_key.get(entry.key)
-            if row is None:
+    key_arr = _strings(keys)
+    n = len(key_arr)
+    if n and pc.count_distinct(key_arr).as_py() != n:
+        seen: set[str] = set()
+        for key in key_arr.to_pylist():
+            if key in seen:
+                raise MetadataError(
+                    f"metadata.parquet: sample_key {key!r} appears in more than one row"
+                )
+            seen.add(key)
+    paths = [tar.shard.path for tar in indexed]
+    path_arr = _strings(shard_of_row)
+    code = pc.index_in(path_arr, value_set=pa.array(paths, pa.string()))
+    row_code = code.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    row_tar = np.full(n, -1, dtype=np.int32)
+    row_pos = np.zeros(n, dtype=np.int64)
+    rejected_row = np.zeros(n, dtype=bool)
+
+    # One hash join for every tar's keys (a join per tar would rebuild the hash table).
+    tar_keys = [tar.entries.keys.cast(pa.string()) for tar in indexed]
+    every = pa.concat_arrays(tar_keys) if tar_keys else pa.array([], pa.string())
+    if every.equals(key_arr):
+        all_rows = np.arange(n, dtype=np.int64)  # the tars hold the rows in release order
+    else:
+        all_rows = pc.index_in(every, value_set=key_arr).fill_null(-1).to_numpy(
+            zero_copy_only=False).astype(np.int64)
+    del every
+    bounds = np.cumsum([0] + [len(k) for k in tar_keys])
+    for t, tar in enumerate(indexed):
+        path, index = tar.shard.path, tar.entries
+        found = (
+            pc.index_in(pa.array([p.key or "" for p in tar.problems], pa.string()),
+                        value_set=key_arr).to_pylist()
+            if tar.problems else []
+        )
+        for problem, row in zip(tar.problems, found, strict=True):
+            row = row if problem.key else None
+            reject(problem, row)
+            if row is not None:
+                rejected_row[row] = True
+        if not len(index):
+            continue
+        rows = all_rows[bounds[t] : bounds[t + 1]]
+        known = rows >= 0
+        safe = np.where(known, rows, 0)
+        duplicate = known & (row_tar[safe] >= 0)
+        elsewhere = known & ~duplicate & (row_code[safe] != t)
+        good = known & ~duplicate & ~elsewhere
+        for pos in np.flatnonzero(~good).tolist():
+            key = index.keys[pos].as_py()
+            row = int(rows[pos])
+            if row < 0:
                 reject(SourceError("sample is in the tar but not in metadata.parquet",
-                                   shard=path, key=entry.key))
-            elif row in located:
-                reject(SourceError(f"duplicate sample key: also in {located[row][0]}",
-                                   shard=path, key=entry.key), row)
-            elif shard_of_row[row] != path:
-                reject(SourceError(
-                    f"metadata.parquet places this sample in {shard_of_row[row]}",
-                    shard=path, key=entry.key), None)
+                                   shard=path, key=key))
+            elif duplicate[pos]:
+                reject(SourceError(f"duplicate sample key: also in {paths[row_tar[row]]}",
+                                   shard=path, key=key), row)
+                rejected_row[row] = True
             else:
-                located[row] = (path, entry)
-    rejected_rows = {r.row for r in rejected if r.row is not None}
-    for row in rejected_rows:
-        located.pop(row, None)  # e.g. a key in two tars: neither copy is trusted
-    for row, key in enumerate(keys):
-        if row not in located and row not in rejected_rows:
-            reject(SourceError("metadata.parquet lists this sample but no tar holds it",
-                               shard=shard_of_row[row], key=key), row)
-    tasks = tuple(_tasks(len(keys), options.shard, located))
+                reject(SourceError(
+                    f"metadata.parquet places this sample in {path_arr[row].as_py()}",
+                    shard=path, key=key), None)
+        ok = np.flatnonzero(good)
+        row_tar[rows[ok]] = t
+        row_pos[rows[ok]] = ok
+    row_tar[rejected_row] = -1  # e.g. a key in two tars: neither copy is trusted
+    for row in np.flatnonzero((row_tar < 0) & ~rejected_row).tolist():
+        reject(SourceError("metadata.parquet lists this sample but no tar holds it",
+                           shard=path_arr[row].as_py(), key=key_arr[row].as_py()), row)
+    row_pos[row_tar < 0] = 0
+    sample_keys = tuple(keys) if isinstance(keys, (list, tuple)) else tuple(key_arr.to_pylist())
     return ConversionPlan(
-        source=src, dest=dest, options=options, sample_keys=tuple(keys), tasks=tasks,
-        tar_shards=tuple(tar_shards), rejected=tuple(rejected), summary=dict(summary or {}),
+        source=src, dest=dest, options=options, sample_keys=sample_keys,
+        tar_shards=tuple(tar.shard for tar in indexed),
+        index=PlanIndex(tuple(tar.entries for tar in indexed), row_tar, row_pos),
+        rejected=tuple(rejected), summary=dict(summary or {}),
         storage_options=dict(storage_options or {}),
     )
+
+
+def _strings(values: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values.cast(pa.string())
+    return pa.array(list(values), pa.string())
 
 
 def shard_bounds(n_samples: int, shard: int) -> list[tuple[int, int]]:
@@ -323,30 +593,11 @@ def shard_bounds(n_samples: int, shard: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + shard, n_samples)) for lo in range(0, n_samples, shard)]
 
 
-def _tasks(n: int, shard: int, located: Mapping[int, tuple[str, source.SampleEntry]]):
-    for index, (lo, hi) in enumerate(shard_bounds(n, shard)):
-        spans: list[ReadSpan] = []
-        rows: list[int] = []
-        entries: list[source.SampleEntry] = []
-        current = None
-        for row in range(lo, hi):
-            if row not in located:
-                continue
-            path, entry = located[row]
-            if path != current and rows:
-                spans.append(ReadSpan(current, tuple(rows), tuple(entries)))
-                rows, entries = [], []
-            current = path
-            rows.append(row)
-            entries.append(entry)
-        if rows:
-            spans.append(ReadSpan(current, tuple(rows), tuple(entries)))
-        yield ShardTask(index, lo, hi, tuple(spans))
-
-
 def task_rows(task: ShardTask) -> np.ndarray:
     """Cube rows a task has data for."""
-    return np.array([r for span in task.spans for r in span.rows], dtype=np.int64)
+    if not task.spans:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([span.rows for span in task.spans]).astype(np.int64)
 
 
 __all__ = [
@@ -355,10 +606,12 @@ __all__ = [
     "ConvertOptions",
     "IndexedTar",
     "OnError",
+    "PlanIndex",
     "ReadSpan",
     "Rejection",
     "ShardTask",
     "TarShard",
+    "TaskList",
     "assemble_plan",
     "shard_bounds",
 ]

@@ -38,7 +38,7 @@ import pyarrow as pa
 import xarray as xr
 
 from . import columns, schema, store
-from .columns import ColumnRoles
+from .columns import ColumnRoles, dataset_roles
 from .errors import MetadataError
 
 if TYPE_CHECKING:
@@ -99,40 +99,6 @@ def _need(module: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- roles
-
-
-def dataset_roles(ds: xr.Dataset) -> ColumnRoles:
-    """The metadata roles of a cube: as recorded at conversion, else recognised.
-
-    Parameters
-    ----------
-    ds
-        A cube (``open_cube``).
-
-    Returns
-    -------
-    ColumnRoles
-        From the root attribute ``nasar_columns`` or the provenance's ``columns``
-        where the converter recorded them, else from the coordinates' ``nasar_role``
-        attributes, else recognised from the metadata column names.
-
-    Examples
-    --------
-    >>> dataset_roles(ds).lat  # doctest: +SKIP
-    'center_lat'
-    """
-    recorded = ds.attrs.get(columns.ROLES_ATTR) or store.read_provenance(ds.attrs).get("columns")
-    if recorded:
-        return columns.roles_from_attr(recorded)
-    tagged = {
-        c.attrs[columns.ROLE_ATTR]: c.attrs["nasar_column"]
-        for c in ds.coords.values()
-        if columns.ROLE_ATTR in c.attrs and "nasar_column" in c.attrs
-    }
-    if tagged:
-        return columns.roles_from_attr(tagged)
-    names = [c.attrs["nasar_column"] for c in ds.coords.values() if "nasar_column" in c.attrs]
-    return columns.recognise(names)
 
 
 # ---------------------------------------------------------------------------- values

@@ -26,7 +26,7 @@ from . import schema
 Transform = str | Callable[[xr.DataArray], xr.DataArray] | None
 
 # The release's RTC transform before clip_and_rescale: log1p(20 * x).
-TRANSFORMS: dict[str, Callable[[xr.DataArray], xr.DataArray]] = {
+TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "log1p20": lambda x: np.log1p(np.float32(20.0) * x),
     "db": lambda x: 10.0 * np.log10(x.where(x > 0)),
 }
@@ -275,8 +275,8 @@ def _fused_counts(raw: xr.DataArray, present: xr.DataArray | None, group: str | 
             present = None
         else:
             present = present.transpose(*lead)
-    kwargs = {"axis": axis, "transform": transform, "bins": bins, "range": range,
-              "clip": clip}
+    kwargs: dict[str, Any] = {"axis": axis, "transform": transform, "bins": bins,
+                              "range": range, "clip": clip}
     data = raw.data
     if not _is_dask(data):
         mask = None if present is None else np.asarray(present.values, dtype=bool)

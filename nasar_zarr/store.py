@@ -22,8 +22,15 @@ PROVENANCE_ATTR = "nasar_zarr"  # root attribute: the converter's provenance, a 
 TASKS_DIR = f"{INTERNAL_PREFIX}/tasks"  # one record per finished task
 LOCK_FILE = f"{INTERNAL_PREFIX}/lock.json"
 SKELETON_FILE = f"{INTERNAL_PREFIX}/skeleton.json"  # written once the skeleton is complete
-REJECTIONS_FILE = f"{INTERNAL_PREFIX}/rejections.json"
+REJECTIONS_FILE = f"{INTERNAL_PREFIX}/rejections.json"  # counts, by reason, first examples
+REJECTIONS_PARQUET = f"{INTERNAL_PREFIX}/rejections.parquet"  # every rejected sample
 APPEND_FILE = f"{INTERNAL_PREFIX}/append.json"  # intent of an append in progress
+INDEX_DIR = f"{INTERNAL_PREFIX}/index"  # the source tars' indexes, one Arrow file per tar
+
+
+def index_path(tar_path: str) -> str:
+    """Relative path of the saved index of source tar ``tar_path`` (relative to the source)."""
+    return f"{INDEX_DIR}/{tar_path.strip('/')}.arrow"
 
 
 def task_record_path(index: int) -> str:

@@ -16,7 +16,6 @@ never touched again.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -78,7 +77,7 @@ def run_task(
                 _set_row(chunk, j, np.nan)
                 continue
             schema.fill_batch(chunk, j, arrays)
-            counts = source.nonfinite_counts(arrays)
+            counts = {} if _all_finite(arrays) else source.nonfinite_counts(arrays)
             if counts:
                 nonfinite.append(
                     {"shard": shard_path, "key": key, "row": row, "nonfinite_values": counts}
@@ -148,7 +147,8 @@ def run_tasks(
     total: int | None = None,
     desc: str = "convert",
 ) -> list[dict[str, Any]]:
-    """Run :func:`run_task` for each task on the runner; returns the records."""
+    """Run :func:`run_task` for each task on the runner; returns the records (counts and
+    checksums; their rejections are in the store)."""
     kwargs = {
         "src": src,
         "dest": dest,
@@ -156,10 +156,13 @@ def run_tasks(
         "lock_token": lock_token,
         "storage_options": dict(storage_options or {}),
     }
+    # Tasks are built here one by one from the plan's columns; each carries only its spans.
     calls = [((t,), {**kwargs, "rejected_rows": rejected_rows.get(t.index, [])}) for t in tasks]
     total = len(calls) if total is None else total
-    return list(
-        run_calls(
+    # The records' rejection lists stay in the store (a million of them would fill the client).
+    return [
+        {k: v for k, v in record.items() if k not in ("rejections", "nonfinite")}
+        for record in run_calls(
             run_task,
             calls,
             client=client,
@@ -169,7 +172,7 @@ def run_tasks(
             initial=total - len(calls),
             desc=desc,
         )
-    )
+    ]
 
 
 def task_samples(
@@ -181,14 +184,14 @@ def task_samples(
 ) -> Iterator[tuple[int, str, str, dict[str, np.ndarray] | SourceError]]:
     """``(row, shard_path, key, arrays | error)`` for the task's samples, rows ascending."""
     for span in task.spans:
-        samples = source.read_samples(
+        samples = source.read_index(
             source.join(src, span.shard_path),
-            span.entries,
+            span.index,
             shard=span.shard_path,
             storage_options=storage_options,
             max_member_bytes=max_member_bytes,
         )
-        for row, (key, arrays) in zip(span.rows, samples, strict=True):
+        for row, (key, arrays) in zip(span.rows.tolist(), samples, strict=True):
             yield row, span.shard_path, key, arrays
 
 
@@ -209,7 +212,7 @@ def write_shard(
     with fs.open(path, "wb") as f:
         for piece in [*pieces, index]:
             f.write(piece)
-            crc = zlib.crc32(piece, crc)
+            crc = source.crc32(piece, crc)
     return crc
 
 
@@ -217,6 +220,15 @@ def chunk_object(array: Any, shard_index: int) -> str:
     """Store key of the object holding Zarr shard ``shard_index`` of ``array``."""
     coords = (shard_index,) + (0,) * (array.ndim - 1)
     return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def _all_finite(arrays: Mapping[str, np.ndarray]) -> bool:
+    """True when no array holds NaN or inf (a quick check before counting them).
+
+    A NaN or an inf makes its array's sum NaN or inf; a sum that overflows on finite
+    values only sends the sample to the exact count.
+    """
+    return all(np.isfinite(np.add.reduce(a, axis=None)) for a in arrays.values())
 
 
 def _set_row(chunk: Mapping[str, np.ndarray], j: int, value: float) -> None:

@@ -12,7 +12,6 @@ import dask.array as da
 import intake
 import numpy as np
 import pandas as pd
-import pytest
 import xarray as xr
 import yaml
 
@@ -69,7 +68,8 @@ def test_write_catalog_records_the_shard_size(small_cube, cube, table, tmp_path)
     path = write_catalog(str(small_cube), tmp_path / "sub" / "nasar.yaml")
     spec = yaml.safe_load(path.read_text())
     nasar = spec["sources"]["nasar"]
-    assert nasar["args"]["urlpath"] == '{{ url if url else "%s" }}' % Path(small_cube).resolve()
+    resolved = Path(small_cube).resolve()
+    assert nasar["args"]["urlpath"] == f'{{{{ url if url else "{resolved}" }}}}'
     assert "(8 samples per shard)" in nasar["description"]
     cat = intake.open_catalog(str(path))
     ds = cat["nasar"].to_dask()

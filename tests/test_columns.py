@@ -272,3 +272,15 @@ def test_convert_takes_columns_by_name(tmp_path):
     recorded = json.loads(ds.attrs["nasar_columns"])
     assert {k: recorded[k] for k in ("lat", "lon", "time")} == {
         "lat": "patch_y", "lon": "patch_x", "time": "t_ref"}
+
+
+def test_select_uses_the_recorded_roles(renamed_cube):
+    table, ds = renamed_cube
+    frame = table.to_pandas()
+    lat, lon = frame["lat"].to_numpy(), frame["lon"].to_numpy()
+    box = (float(lon.min()) - 1, float(np.median(lat)), float(lon.max()) + 1, 90.0)
+    chosen = ds.nasar.select(bbox=box, written_only=False)
+    assert chosen.sample.values.tolist() == frame["sample_key"][lat >= np.median(lat)].tolist()
+    start = frame["acquisition_time"].sort_values().iloc[2]
+    later = ds.nasar.select(time=(start, None), written_only=False)
+    assert later.sizes["sample"] == int((frame["acquisition_time"] >= start).sum())

@@ -71,23 +71,16 @@ def test_opens_with_plain_xarray_and_zarr(small_cube):
     assert group.attrs["Conventions"].startswith("CF-")
 
 
-def test_open_cube_chunks_are_shards(small_cube):
+def test_open_cube_chunks_are_whole_shards_alike(small_cube):
     ds = nz.open_cube(str(small_cube))
-    assert ds.rtc.data.chunks[0] == (8, 8, 8, 8)
-    assert ds.dem.data.chunks[0] == (8, 8, 8, 8)
-    assert ds.status.data.chunks[0] == (32,)  # a byte per sample: one dask chunk
-    assert ds.rtc_present.data.chunks[0] == (32,)
+    # Whole shards (here one per chunk: 4 chunks is far below the cap), alike for all.
+    assert {name: var.data.chunks[0] for name, var in ds.data_vars.items()} == {
+        name: (8, 8, 8, 8) for name in ds.data_vars}
+    assert dict(ds.chunks)["sample"] == (8, 8, 8, 8)
+    by_shard = nz.open_cube(str(small_cube), chunks=16)
+    assert dict(by_shard.chunks)["sample"] == (16, 16)
     assert not hasattr(ds.quality_score.variable._data, "dask")  # coords stay lazy numpy
-
-
-def test_open_cube_large_chunks_are_whole_shards_up_to_a_gib(small_cube, monkeypatch):
-    from nasar_zarr import cube
-
-    monkeypatch.setattr(cube, "LARGE_CHUNK_BYTES", 12 * 2**20)  # 12 MiB
-    ds = nz.open_cube(str(small_cube), chunks="large")
-    assert ds.rtc.data.chunks[0] == (24, 8)  # 512 KiB/sample: 3 shards of 8
-    assert ds.dem.data.chunks[0] == (32,)  # 64 KiB/sample: all 4 shards
-    assert ds.rtc.values.tobytes() == nz.open_cube(str(small_cube)).rtc.values.tobytes()
+    assert ds.rtc.values.tobytes() == by_shard.rtc.values.tobytes()
 
 
 def test_every_metadata_column_is_a_coordinate(small_cube, small_corpus):
@@ -234,7 +227,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("nasar-zarr convert: error: ")
-    assert "metadata.parquet not found" in err
+    assert err == f"nasar-zarr convert: error: {tmp_path / 'nowhere'}: no such file or directory\n"
     assert main(["convert", str(tmp_path), str(tmp_path / "x.zarr"), "--shard", "10",
                  "--inner-chunk", "3"]) == 2
     assert "shard (10) must be a multiple of inner_chunk (3)" in capsys.readouterr().err

@@ -93,9 +93,10 @@ def test_two_converters_at_once_exactly_one_proceeds(tmp_path):
         winner, loser = stopped[0], refused[0]
         _, err = loser.communicate(timeout=60)
         assert loser.returncode == 2
+        since = store.read_json(str(dest), store.LOCK_FILE)["since"]
         assert err == (
             f"nasar-zarr convert: error: {dest}: another conversion (pid {winner.pid} on"
-            f" {socket.gethostname()}, since {store.read_json(str(dest), store.LOCK_FILE)['since']})"
+            f" {socket.gethostname()}, since {since})"
             f" holds the lock; wait for it, or delete {store.LOCK_FILE} in the store if that"
             " process is gone\n"
         )

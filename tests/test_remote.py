@@ -1,0 +1,146 @@
+"""Converting from where a release lives: S3 (a real moto server) and HTTPS-like hosts (a
+loopback server with Range), with every HTTP request counted at a proxy in front of them.
+
+Planning reads tar headers only (<= 1% of the corpus), execute reads each byte once in
+a few large ranges and writes each shard object with one PUT, a kept index makes
+a second plan read no headers, and the cubes are byte-identical to the local one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from nasar_zarr import plan_conversion, store
+from nasar_zarr.testing import write_corpus
+from nasar_zarr.testing.http import CountingProxy, RangeServer
+
+N_SAMPLES = 12
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("remote-corpus"), n_shards=2,
+                        samples_per_shard=[7, 5], seed=3)
+
+
+@pytest.fixture(scope="module")
+def local_cube(corpus, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("local") / "cube.zarr"
+    plan_conversion(str(corpus.root), str(dest), shard=4, inner_chunk=2).execute(workers=0)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, corpus):
+    """The corpus in ``s3://bkt/corpus`` behind a counting proxy; yields (options, proxy)."""
+    import s3fs
+
+    with CountingProxy(s3_server["endpoint_url"]) as proxy:
+        options = {**s3_server, "endpoint_url": proxy.url}
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("bkt")
+        fs.put(str(corpus.root) + "/", "bkt/corpus/", recursive=True)
+        yield options, proxy
+
+
+def _corpus_bytes(root: Path, pattern: str = "**/*") -> int:
+    return sum(p.stat().st_size for p in root.glob(pattern) if p.is_file())
+
+
+def _objects(fs, root: str) -> dict[str, bytes]:
+    """Every data object of a cube (not the root's attributes, not the bookkeeping)."""
+    root = root.rstrip("/")
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)
+            if p[len(root) + 1 :] != "zarr.json" and not p[len(root) + 1 :].startswith("_nasar")}
+
+
+def test_s3_plan_reads_headers_execute_reads_once_and_puts_once(s3, corpus, local_cube):
+    import s3fs
+
+    options, proxy = s3
+    proxy.reset()
+    plan = plan_conversion("s3://bkt/corpus", "s3://bkt/cube.zarr", shard=4, inner_chunk=2,
+                           storage_options=options)
+    planning = proxy.reset()
+    tar_gets = [r for r in planning if r.method == "GET" and r.path.endswith(".tar")]
+    assert {r.bytes_out for r in tar_gets} == {512}  # headers only, no read-ahead
+    assert len(tar_gets) <= 2 * N_SAMPLES + 6
+    plan_bytes = sum(r.bytes_out for r in planning)
+    assert plan_bytes <= 0.01 * _corpus_bytes(corpus.root)
+
+    plan.execute(workers=0)
+    executing = proxy.reset()
+    tar_bytes = _corpus_bytes(corpus.root, "data/*.tar")
+    read = sum(r.bytes_out for r in executing if r.path.endswith(".tar"))
+    assert tar_bytes * 0.99 <= read <= 1.05 * tar_bytes
+    # besides the reads, one HEAD per tar: the check that it did not change since planning
+    assert Counter((r.method, r.path) for r in executing
+                   if r.path.endswith(".tar") and r.method != "GET") == {
+        ("HEAD", f"/bkt/corpus/{path}"): 1 for path in corpus.shard_paths}
+    # one Zarr shard object per variable and task: written with one PUT, never HEAD/LIST/GET
+    shard_objects = Counter(
+        (r.method, r.path) for r in executing if "/c/" in r.path
+        and r.path.split("/")[3] in {"rtc", "inc_angle", "ifg", "coh", "dem", "slope_deg"})
+    assert len(shard_objects) == 6 * 3
+    assert set(shard_objects.values()) == {1} and {m for m, _ in shard_objects} == {"PUT"}
+
+    fs = s3fs.S3FileSystem(**options)
+    assert _objects(fs, "bkt/cube.zarr") == _objects(
+        __import__("fsspec").filesystem("file"), str(local_cube))
+
+    # The index was kept with the cube: planning again reads no tar header.
+    assert fs.exists(f"bkt/cube.zarr/{store.index_path(plan.tar_shards[0].path)}")
+    proxy.reset()
+    again = plan_conversion("s3://bkt/corpus", "s3://bkt/cube.zarr", shard=4, inner_chunk=2,
+                            storage_options=options)
+    replanning = proxy.reset()
+    assert again == plan
+    assert [r for r in replanning if r.method == "GET" and r.path.endswith(".tar")] == []
+
+
+def test_https_source_lists_from_metadata_and_gives_the_same_cube(corpus, local_cube, tmp_path):
+    import fsspec
+
+    with RangeServer(corpus.root) as server:
+        dest = tmp_path / "cube.zarr"
+        plan = plan_conversion(server.url, str(dest), shard=4, inner_chunk=2)
+        planning = server.reset()
+        assert [t.path for t in plan.tar_shards] == list(corpus.shard_paths)
+        tar_gets = [r for r in planning if r.method == "GET" and r.path.endswith(".tar")]
+        assert tar_gets and {r.bytes_out for r in tar_gets} == {512}
+        assert not [r for r in planning if r.path.endswith("/data") or r.path.endswith("/")]
+        plan.execute(workers=0)
+        read = sum(r.bytes_out for r in server.reset() if r.path.endswith(".tar"))
+    assert read <= 1.05 * _corpus_bytes(corpus.root, "data/*.tar")
+    local = fsspec.filesystem("file")
+    assert _objects(local, str(dest)) == _objects(local, str(local_cube))
+
+
+def test_indexing_over_a_slow_link_batches_requests(tmp_path):
+    """With 20 ms per request, header reads go out concurrently once sizes repeat."""
+    import time
+
+    from nasar_zarr import source
+    from nasar_zarr.testing import write_tar
+
+    write_tar(tmp_path / "s.tar", [(f"k{i:04d}.npz", b"x" * 1000) for i in range(300)])
+    with RangeServer(tmp_path, delay=0.02) as server:
+        start = time.perf_counter()
+        index = source.index_tar(f"{server.url}/s.tar")
+        elapsed = time.perf_counter() - start
+        requests = server.reset()
+    assert index.keys.to_pylist() == [f"k{i:04d}" for i in range(300)]
+    assert {r.bytes_out for r in requests if r.method == "GET"} == {512}
+    assert 300 <= len(requests) <= 320
+    assert elapsed < 0.02 * len(requests) / 4  # one by one would take 20 ms each
+
+
+@pytest.mark.skipif(not os.environ.get("NASAR_ZARR_HF_DATASET"),
+                    reason="set NASAR_ZARR_HF_DATASET=hf://datasets/<org>/<name> (network)")
+def test_hub_dataset_plans():  # pragma: no cover - needs the network
+    plan = plan_conversion(os.environ["NASAR_ZARR_HF_DATASET"], "memory://nasar.zarr")
+    assert plan.n_samples > 0
