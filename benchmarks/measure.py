@@ -437,6 +437,7 @@ def timed_calls(fn: Callable[[int], Any], indices: Sequence[int], warm: int) -> 
 def pct_ms(times: np.ndarray) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
             "p90_ms": round(float(np.percentile(times, 90)) * 1e3, 3),
+            "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3),
             "n": int(times.size)}
 
 
@@ -530,8 +531,8 @@ def metadata_store_1m(path: Path, counts: Sequence[int], seed: int = 0) -> dict[
     """
     import pyarrow as pa
 
-    from nasar_zarr import execute, schema, source
-    from nasar_zarr.plan import ConvertOptions, assemble_plan
+    from nasar_zarr import layout, schema, source
+    from nasar_zarr.plan import ConvertOptions, IndexedTar, TarShard, assemble_plan
     from nasar_zarr.testing import make_metadata
 
     timings = {}
@@ -550,7 +551,8 @@ def metadata_store_1m(path: Path, counts: Sequence[int], seed: int = 0) -> dict[
                                                  member_bytes),))
             for j, k in enumerate(keys[pos:pos + c])
         )
-        indexed.append((schema.shard_name(s), c * (member_bytes + 1024), entries, ()))
+        indexed.append(IndexedTar(TarShard(schema.shard_name(s), c * (member_bytes + 1024), c),
+                                  source.TarIndex.from_entries(entries)))
         pos += c
     plan = assemble_plan("fake://nasar-release", str(path), ConvertOptions(), keys,
                          shard_of_row, indexed)
@@ -558,8 +560,8 @@ def metadata_store_1m(path: Path, counts: Sequence[int], seed: int = 0) -> dict[
     if path.exists():
         shutil.rmtree(path)
     t = now()
-    execute.prepare_store(plan, table, overwrite=True)
-    execute.finalize(plan)
+    layout.prepare_store(plan, table, overwrite=True)
+    layout.finalize(plan)
     timings["write_skeleton_s"] = now() - t
     return {k: round(v, 2) for k, v in timings.items()} | {"n_samples": plan.n_samples,
                                                            "tasks": len(plan.tasks)}
@@ -1059,7 +1061,178 @@ def torch_loaders(corpus: Path, store: Path, *, batch_size: int = 64, num_worker
     out["loader_over_wds_loader"] = round(best["wds_loader"] / best["loader"], 3)
     out["loader_random_over_wds_loader"] = round(best["wds_loader"] / best["loader_random"], 3)
     out["loader_first_epoch_s"] = startup
+    out["loader_cpu_ms_per_sample"] = loader_cpu_profile(ds, corpus, batch_size=batch_size)
     out["loader_setup"] = {"samples": n, "batch_size": batch_size, "num_workers": num_workers,
                            "timed_epochs": epochs, "start_method": context.get_start_method(),
                            "inner_chunk": ds.inner_chunk, "shard": ds.shard_size}
+    return out
+
+
+def loader_cpu_profile(ds, corpus: Path, *, batch_size: int = 64, batches: int = 3
+                       ) -> dict[str, float]:
+    """Where a sample's time goes, in one process (ms per sample, best of 3 passes).
+
+    ``cube_read`` (``CubeReader.read_runs`` of shard-aware batches) and ``cube_item``
+    (``__getitems__``: read + the card's transforms over the batch) for the cube;
+    ``wds_read_decode`` (WebDataset iteration + npz decode) and ``wds_item`` (the same +
+    the card's transforms per sample, ``release_loader_item``) for the tars.
+    """
+    import webdataset as wds
+
+    from nasar_zarr.torch import _plan_reads, shard_aware_order
+
+    order = shard_aware_order(ds.sample_indices, shard=ds.shard_size,
+                              inner_chunk=ds.inner_chunk, seed=1, epoch=0)
+    picks = [order[i * batch_size:(i + 1) * batch_size] for i in range(batches)]
+    n = sum(len(p) for p in picks)
+    plans = [_plan_reads(ds.sample_indices[p], ds.inner_chunk)[0] for p in picks]
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t = now()
+            fn()
+            times.append(now() - t)
+        return round(min(times) * 1e3 / n, 3)
+
+    def wds_samples():
+        stream = wds.WebDataset([str(u) for u in tar_paths(corpus)], shardshuffle=False,
+                                empty_check=False)
+        return (s for s, _ in zip(stream, range(n), strict=False))
+
+    return {
+        "cube_read": best(lambda: [ds.reader.read_runs(runs) for runs in plans]),
+        "cube_item": best(lambda: [ds.__getitems__(p.tolist()) for p in picks]),
+        "wds_read_decode": best(lambda: [_load_npz(s["npz"]) for s in wds_samples()]),
+        "wds_item": best(lambda: [release_loader_item(s) for s in wds_samples()]),
+    }
+
+
+# ---------------------------------------------------------------------------- analysis reads
+# The recommended analysis path (open_cube / the catalog, then dask) against a two-process
+# webdataset decode pass over the same tars, on the same cores, in the same run.
+
+
+def wds2_pass(urls: Sequence[Path]) -> tuple[int, float]:
+    """:func:`wds_pass` in two spawned processes, tars split between them (warm imports).
+
+    Returns the samples decoded and the wall seconds from the start of both passes
+    to the end of the slower one.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    halves = [list(urls[0::2]), list(urls[1::2])]
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_import_webdataset, range(2)))  # start both, import, before the clock
+        t = now()
+        results = list(pool.map(wds_pass, halves))
+        wall = now() - t
+    return sum(r[0] for r in results), wall
+
+
+def _import_webdataset(_: int) -> bool:
+    import webdataset  # noqa: F401
+
+    return True
+
+
+def analysis_scan(store: Path) -> tuple[float, float]:
+    """Wall and CPU seconds to read every variable of every sample through ``open_cube``.
+
+    The default ``open_cube`` (dask chunks of whole shards, the fast reader), every
+    dask block materialized with the threaded scheduler (:func:`scan_dask`).
+    """
+    from nasar_zarr import open_cube
+
+    ds = open_cube(str(store))
+    c = cpu_seconds()
+    wall = scan_dask(ds, list(ds.data_vars))
+    return wall, cpu_seconds() - c
+
+
+def analysis_histogram(store: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of ``ds.nasar.histogram()`` (rtc, per pol) over the whole cube."""
+    import dask
+
+    from nasar_zarr import open_cube
+
+    ds = open_cube(str(store))
+    counts = ds.nasar.histogram()
+    c = cpu_seconds()
+    t = now()
+    dask.compute(counts, scheduler="threads")
+    return now() - t, cpu_seconds() - c
+
+
+def normalized_cpu(store: Path) -> dict[str, float]:
+    """CPU seconds of materializing ``ds.nasar.normalized()`` and of the raw read under it.
+
+    The raw read is every variable normalized() reads (rtc, rtc_present, dem, slope_deg,
+    inc_angle, ifg, coh); CPU time (all threads) rather than wall time, since the
+    machine is shared.
+    """
+    from nasar_zarr import open_cube
+
+    ds = open_cube(str(store))
+    norm = ds.nasar.normalized()
+    raw_names = ["rtc", "rtc_present", "dem", "slope_deg", "inc_angle", "ifg", "coh"]
+    c = cpu_seconds()
+    scan_dask(ds, raw_names)
+    raw = cpu_seconds() - c
+    c = cpu_seconds()
+    scan_dask(norm, list(norm.data_vars))
+    return {"raw_cpu_s": raw, "normalized_cpu_s": cpu_seconds() - c}
+
+
+def tasks_full_reduction(path: Path) -> int:
+    """``len(ds.mean().__dask_graph__())`` for the default ``open_cube`` of ``path``."""
+    from nasar_zarr import open_cube
+
+    return len(open_cube(str(path)).mean().__dask_graph__())
+
+
+def analysis_figures(corpus: Path, store: Path, *, repeats: int = 2,
+                     path_1m: Path | None = None) -> dict[str, Any]:
+    """The analysis read figures, each pass interleaved with a two-process wds pass.
+
+    Keys: ``analysis_scan_sps``, ``wds2_pass_sps``, ``analysis_scan_over_wds2``,
+    ``histogram_sps``, ``histogram_over_wds2``, ``normalized_over_raw_cpu``
+    (normalized CPU / raw-read CPU; goal <= 1.1), ``tasks_full_reduction_1m`` (with
+    ``path_1m``, a metadata-only store from :func:`metadata_store_1m`), and the CPU
+    milliseconds per sample of each pass. Best of ``repeats`` for each rate.
+    """
+    tars = tar_paths(corpus)
+    warm_page_cache([*tars, store])
+    wds2, scans, hists, norms = [], [], [], []
+    n = 0
+    for _ in range(repeats):
+        n, s = wds2_pass(tars)
+        wds2.append(s)
+        scans.append(analysis_scan(store))
+        hists.append(analysis_histogram(store))
+        norms.append(normalized_cpu(store))
+    wds2_sps = n / min(wds2)
+    scan_sps = n / min(w for w, _ in scans)
+    hist_sps = n / min(w for w, _ in hists)
+    out: dict[str, Any] = {
+        "samples": n,
+        "wds2_pass_sps": round(wds2_sps, 1),
+        "wds2_pass_sps_each": [round(n / s, 1) for s in wds2],
+        "analysis_scan_sps": round(scan_sps, 1),
+        "analysis_scan_sps_each": [round(n / w, 1) for w, _ in scans],
+        "analysis_scan_cpu_ms_per_sample": round(min(c for _, c in scans) / n * 1e3, 3),
+        "analysis_scan_over_wds2": round(scan_sps / wds2_sps, 3),
+        "histogram_sps": round(hist_sps, 1),
+        "histogram_sps_each": [round(n / w, 1) for w, _ in hists],
+        "histogram_cpu_ms_per_sample": round(min(c for _, c in hists) / n * 1e3, 3),
+        "histogram_over_wds2": round(hist_sps / wds2_sps, 3),
+        "normalized_over_raw_cpu": round(
+            min(d["normalized_cpu_s"] / d["raw_cpu_s"] for d in norms), 3),
+        "normalized_over_raw_cpu_each": [round(d["normalized_cpu_s"] / d["raw_cpu_s"], 3)
+                                         for d in norms],
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    if path_1m is not None:
+        out["tasks_full_reduction_1m"] = tasks_full_reduction(path_1m)
     return out

@@ -9,7 +9,6 @@ whole by its single task. An intent object makes an interrupted append resume.
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import pyarrow as pa
@@ -109,19 +108,15 @@ def _extend_store(plan: ConversionPlan, table: pa.Table, *, n_old: int) -> None:
         array.resize((n, *array.shape[1:]))
     fault_point("after-resize")
     ds, encoding = layout.skeleton(plan, table)
-    coords = [str(c) for c in ds.coords if c not in schema.LABELS]
-    for name in coords:
+    coordinates = [
+        (schema.SAMPLE_DIM, xr.Variable(*layout.sample_coordinate(plan)),
+         encoding[schema.SAMPLE_DIM]),
+        *layout.metadata_coordinates(plan, table),
+    ]
+    for name, _, _ in coordinates:
         if name in group:
             del group[name]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds[coords].drop_vars(list(schema.LABELS), errors="ignore").to_zarr(
-            store.zarr_store(dest, so),
-            mode="a",
-            zarr_format=3,
-            consolidated=False,
-            encoding={c: encoding[c] for c in coords},
-        )
+    layout.write_coordinates(plan, table, coordinates)
     # The partial last shard gets new samples: its single task rewrites it whole.
     shard = plan.options.shard
     if n_old % shard:

@@ -10,9 +10,11 @@ end; unsharded ``bytes`` (+ ``blosc`` / ``zstd``) arrays such as ``status``).
 Measured on a 2-core machine: about 2x tensorstore and 4x zarr-python inside
 dask (benchmarks/README.md).
 
-A selection of a few samples (``ds.isel(sample=[i, j, k])``) reads only the
-shard index and the inner chunks that hold them: dask fuses the selection into
-the read (the array is wrapped by xarray's lazy indexing).
+A selection of a few samples reads only the shard index and the inner chunks
+that hold them, however many shards a dask chunk spans: a dask chunk of the cube
+is a :class:`LazyRows` (the chunk's samples, not yet read), which an index
+along ``sample`` narrows before anything is read (``ds.isel(sample=[i, j, k])``:
+dask's ``take`` picks rows out of each touched chunk) and any other use reads.
 
 It keeps no state at all: no open files, handles, event loops or threads
 outlive a call, so the arrays pickle to dask workers and keep working in
@@ -27,6 +29,7 @@ import contextlib
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
+from dask.sizeof import sizeof
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
@@ -416,6 +420,194 @@ class FastBackendArray(BackendArray):
 
     def __repr__(self) -> str:
         return f"FastBackendArray({self.layout.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _is_whole(key: Any) -> bool:
+    return isinstance(key, slice) and key == slice(None)
+
+
+class LazyRows(np.lib.mixins.NDArrayOperatorsMixin):
+    """Samples ``rows`` of an array (every other axis whole), read on first use as an array.
+
+    What a dask task of :func:`nasar_zarr.open_cube` returns for its chunk (see
+    :class:`ChunkSource`). Indexing along the first axis (a slice, an integer,
+    a list or array of positions or a boolean mask, other axes whole or taken
+    with slices and integers) narrows the selection without reading; anything
+    else (a numpy function or ufunc, arithmetic, an ndarray method or
+    attribute, ``numpy.asarray``) reads the selection once through
+    :func:`read_rows` and works on that ndarray, kept for later uses (so a
+    ``persist()``-ed cube holds these and reads each on its first use). It
+    pickles as that ndarray, so what crosses processes is plain numpy; dask's
+    ``sizeof`` counts it at its full size.
+
+    Parameters
+    ----------
+    layout
+        The array, from :func:`array_layout`.
+    rows
+        The samples: a ``range`` or sorted-or-not integer positions (in bounds).
+
+    Examples
+    --------
+    >>> chunk = LazyRows(layout, range(0, 5632))  # doctest: +SKIP
+    >>> chunk[[3, 4000]].shape    # nothing read yet                  # doctest: +SKIP
+    (2, 2, 2, 2, 128, 128)
+    >>> float(chunk[[3, 4000]].sum())  # reads 2 inner chunks, not 11 shards  # doctest: +SKIP
+    """
+
+    def __init__(self, layout: ArrayLayout, rows: range | np.ndarray) -> None:
+        self.layout = layout
+        self.rows = rows
+        self.dtype = np.dtype(layout.dtype)
+        self.shape: tuple[int, ...] = (len(rows), *layout.row_shape)
+        self._values: np.ndarray | None = None
+        self._lock = threading.Lock()  # dask's threads may share one chunk: read it once
+
+    # --- the array, read once
+    def values(self) -> np.ndarray:
+        """The selection read as a numpy array (read on the first call, then kept)."""
+        if self._values is None:
+            with self._lock:
+                if self._values is None:
+                    rows = self.rows
+                    if isinstance(rows, range) and rows.step == 1:
+                        key: Any = slice(rows.start, rows.stop)
+                    else:
+                        key = np.asarray(rows, dtype=np.int64)
+                    self._values = read_rows(self.layout, key)
+        return self._values
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        values = self.values()
+        if dtype is not None and np.dtype(dtype) != values.dtype:
+            return values.astype(dtype)
+        return values.copy() if copy else values
+
+    @staticmethod
+    def _unwrap(value: Any) -> Any:
+        if isinstance(value, LazyRows):
+            return value.values()
+        if isinstance(value, (list, tuple)):
+            return type(value)(LazyRows._unwrap(v) for v in value)
+        if isinstance(value, dict):
+            return {k: LazyRows._unwrap(v) for k, v in value.items()}
+        return value
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        return getattr(ufunc, method)(*self._unwrap(inputs), **self._unwrap(kwargs))
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        return func(*self._unwrap(args), **self._unwrap(kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("layout", "rows", "_values", "_lock"):
+            raise AttributeError(name)
+        return getattr(self.values(), name)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (np.asarray, (self.values(),))
+
+    # --- what is known without reading
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.values())
+
+    def __repr__(self) -> str:
+        state = "read" if self._values is not None else "not read"
+        return f"LazyRows({self.layout.path!r}, shape={self.shape}, dtype={self.dtype}, {state})"
+
+    # --- narrowing
+    def __getitem__(self, key: Any) -> Any:
+        if self._values is not None:
+            return self._values[key]
+        parts = key if isinstance(key, tuple) else (key,)
+        first, rest = (parts[0], parts[1:]) if parts else (slice(None), ())
+        narrow = (
+            sum(k is not Ellipsis for k in parts) <= self.ndim
+            and sum(k is Ellipsis for k in rest) <= 1
+            and all(k is Ellipsis or isinstance(k, (slice, int, np.integer)) for k in rest)
+        )
+        if narrow and not isinstance(first, (slice, int, np.integer)):
+            first = np.asarray(first)
+            narrow = first.ndim == 1 and first.dtype.kind in "biu"
+        if not narrow:
+            return self.values()[key]
+        rows: range | np.ndarray
+        if isinstance(first, slice):
+            rows = self.rows[first]
+        elif isinstance(first, (int, np.integer)):
+            rows = np.asarray([self._positions()[first]])
+        else:
+            rows = self._positions()[first]
+        picked = LazyRows(self.layout, rows)
+        if isinstance(first, (int, np.integer)):
+            return picked.values()[(0, *rest)]
+        if all(k is Ellipsis or _is_whole(k) for k in rest):
+            return picked
+        return picked.values()[(slice(None), *rest)]
+
+    def _positions(self) -> np.ndarray:
+        if isinstance(self.rows, range):
+            return np.arange(self.rows.start, self.rows.stop, self.rows.step, dtype=np.int64)
+        return self.rows
+
+
+@sizeof.register(LazyRows)
+def _sizeof_lazy_rows(chunk: LazyRows) -> int:
+    # as much as it holds once read: what dask's memory accounting should plan for
+    return chunk.nbytes
+
+
+class ChunkSource:
+    """What :func:`dask.array.from_array` reads a fast-readable array's chunks from.
+
+    ``source[region]`` is a :class:`LazyRows` of the region's samples (every
+    other axis whole), read when the chunk is used as an array; a region that
+    cuts another axis is read at once. Picklable (the layout only).
+
+    Parameters
+    ----------
+    array
+        The array, a :class:`FastBackendArray`.
+
+    Examples
+    --------
+    >>> source = ChunkSource(fast_array(group["rtc"], path))  # doctest: +SKIP
+    >>> x = da.from_array(source, (5632, *source.shape[1:]), meta=source.meta)  # doctest: +SKIP
+    >>> x[[3, 600_000]].compute()  # reads two inner chunks                 # doctest: +SKIP
+    """
+
+    def __init__(self, array: FastBackendArray) -> None:
+        self.layout = array.layout
+        self.shape = array.shape
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+        self.meta = np.empty((0,) * self.ndim, dtype=self.dtype)
+
+    def __getitem__(self, region: tuple[Any, ...]) -> LazyRows | np.ndarray:
+        region = region if isinstance(region, tuple) else (region,)
+        first, rest = region[0], region[1:]
+        whole = all(
+            isinstance(k, slice) and k.step in (None, 1) and range(n)[k] == range(n)
+            for k, n in zip(rest, self.shape[1:], strict=False)
+        )
+        if isinstance(first, slice) and whole:
+            return LazyRows(self.layout, range(self.shape[0])[first])
+        return FastBackendArray(self.layout)._getitem(region)
 
 
 def fast_array(array: zarr.Array, path: str) -> FastBackendArray | None:

@@ -17,14 +17,13 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.compute as pc
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.parquet as pq
 
 from . import schema, source
 from .errors import MetadataError, SourceError
 from .plan import IndexedTar, TarShard
-
 
 NO_LISTING = ("http", "https")  # protocols whose directories cannot be listed
 
@@ -204,7 +203,9 @@ def index_tars(
                 if tar is not None:
                     found[path] = tar
     todo = [p for p in paths if p not in found]
-    kwargs = {"on_error": on_error, "max_member_bytes": max_member_bytes, "storage_options": so}
+    kwargs: dict[str, Any] = {
+        "on_error": on_error, "max_member_bytes": max_member_bytes, "storage_options": so
+    }
     if client is not None and todo:
         from .runner import run_calls
 
@@ -323,7 +324,7 @@ def save_indexes(
     todo = [(t, i) for t, i in zip(tars, indexes, strict=True)
             if t.path not in have and t.path not in skip and t.size and (t.mtime or t.etag)]
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda ti: save_index(dest, *ti, storage_options), todo))
+        list(pool.map(lambda ti: save_index(dest, ti[0], ti[1], storage_options), todo))
     return len(todo)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,8 +25,15 @@ ATTRS_KEY = store.PROVENANCE_ATTR
 MAX_DASK_CHUNKS = 200
 # Encodings that describe the source store's chunk layout; a dataset carrying them cannot be
 # written elsewhere (to_zarr refuses dask chunks that straddle them), so open_cube drops them.
-LAYOUT_ENCODINGS = ("chunks", "preferred_chunks", "shards", "compressors", "filters",
-                    "serializer", "compressor")
+LAYOUT_ENCODINGS = (
+    "chunks",
+    "preferred_chunks",
+    "shards",
+    "compressors",
+    "filters",
+    "serializer",
+    "compressor",
+)
 ENGINES = ("auto", "fast", "zarr")
 
 
@@ -62,12 +69,14 @@ def open_cube(
         chunk) at the full 1.1 M. ``"shard"``: exactly one shard per chunk (smaller tasks,
         more of them). An int or ``{"sample": n}``: ``n`` samples per chunk for
         every variable. ``"large"`` is the former name of the default. None:
-        no dask; lazily indexed arrays (read on ``.values``/``.load()``), which
-        is how to read a scattered few samples: ``open_cube(url,
-        chunks=None).isel(sample=[i, j, k]).load()`` reads only their inner
-        chunks, while on dask-chunked variables dask's ``take`` (a shuffle
-        since dask 2024.x) reads each touched dask chunk whole. A contiguous
-        ``isel(sample=slice(i, j))`` reads only its inner chunks either way.
+        no dask; lazily indexed arrays (read on ``.values``/``.load()``).
+        Either way a contiguous ``isel(sample=slice(i, j))`` and a scattered
+        ``isel(sample=[i, j, k])`` (or ``sel`` by key) read only the inner
+        chunks of those samples: with the fast reader each dask chunk is a
+        :class:`~nasar_zarr.backend.LazyRows` that dask's ``take`` narrows to
+        the picked samples before reading (any other use reads the chunk as a
+        numpy array). Under zarr-python (``engine="zarr"``, remote stores) dask's
+        ``take`` reads each touched dask chunk whole; use ``chunks=None`` there.
     engine
         ``"auto"`` (default): the fast reader where it applies, zarr-python
         elsewhere; ``"fast"``: the fast reader or a ``ValueError``; ``"zarr"``:
@@ -101,18 +110,40 @@ def open_cube(
     size = None if chunks is None else _sample_chunk(ds, n, chunks)
     fast = _fast_arrays(url, [str(v) for v in ds.data_vars], engine) if engine != "zarr" else {}
     token = dask_tokenize(url, provenance(ds).get("created"), n, size)
-    out = {}
+    out: dict[Hashable, Any] = {}
     for name, var in ds.data_vars.items():
         variable = var.variable
         if name in fast and var.dims[:1] == (schema.SAMPLE_DIM,):
-            variable = xr.Variable(var.dims, indexing.LazilyIndexedArray(fast[name]),
-                                   var.attrs, var.encoding)
+            if size is not None:
+                # each chunk a LazyRows: an isel(sample=[...]) reads only those samples
+                out[name] = xr.Variable(
+                    var.dims,
+                    _fast_dask(fast[name], size, f"open_cube-{name}-{token}"),
+                    var.attrs,
+                    var.encoding,
+                )
+                continue
+            variable = xr.Variable(
+                var.dims, indexing.LazilyIndexedArray(fast[name]), var.attrs, var.encoding
+            )
         if size is not None:
-            variable = variable.chunk({schema.SAMPLE_DIM: size}
-                                      if schema.SAMPLE_DIM in var.dims else {},
-                                      name=f"open_cube-{name}-{token}")
+            variable = variable.chunk(
+                {schema.SAMPLE_DIM: size} if schema.SAMPLE_DIM in var.dims else {},
+                name=f"open_cube-{name}-{token}",
+            )
         out[name] = variable
     return ds.assign(out)
+
+
+def _fast_dask(array: Any, size: int, name: str) -> Any:
+    """The dask array of a fast-readable variable, ``size`` samples per chunk."""
+    import dask.array as da
+
+    from .backend import ChunkSource
+
+    source = ChunkSource(array)
+    chunks = (size, *source.shape[1:])
+    return da.from_array(source, chunks=chunks, name=name, meta=source.meta)
 
 
 def _drop_layout_encodings(ds: xr.Dataset) -> xr.Dataset:
@@ -127,8 +158,10 @@ def _sample_chunk(ds: xr.Dataset, n: int, chunks: Mapping[str, int] | int | str)
     if isinstance(chunks, Mapping):
         unknown = set(chunks) - {schema.SAMPLE_DIM}
         if unknown:
-            raise ValueError(f"chunks may only set {schema.SAMPLE_DIM!r} (every other dimension"
-                             f" is whole in each chunk), got {dict(chunks)!r}")
+            raise ValueError(
+                f"chunks may only set {schema.SAMPLE_DIM!r} (every other dimension"
+                f" is whole in each chunk), got {dict(chunks)!r}"
+            )
         chunks = chunks.get(schema.SAMPLE_DIM, "shards")
     return dask_chunk_size(n, shard_size(ds) or max(n, 1), chunks)
 
@@ -162,8 +195,9 @@ def dask_chunk_size(n_samples: int, shard: int, chunks: int | str = "shards") ->
             raise ValueError(f"chunks must be a positive number of samples, got {chunks!r}")
         return int(min(chunks, max(n_samples, 1)))
     if chunks not in ("shards", "shard", "large"):
-        raise ValueError(f"chunks must be 'shards', 'shard', an int, {{'sample': int}} or None,"
-                         f" got {chunks!r}")
+        raise ValueError(
+            f"chunks must be 'shards', 'shard', an int, {{'sample': int}} or None, got {chunks!r}"
+        )
     shards = max(1, -(-n_samples // shard))
     per_chunk = 1 if chunks == "shard" else -(-shards // MAX_DASK_CHUNKS)
     return int(min(per_chunk * shard, max(n_samples, 1)))
@@ -192,8 +226,9 @@ def _fast_arrays(url: str, names: list[str], engine: str) -> dict[str, Any]:
 
     if source.is_remote(url):
         if engine == "fast":
-            raise ValueError(f"engine='fast' reads local stores only, got {url!r};"
-                             " use engine='auto' or 'zarr'")
+            raise ValueError(
+                f"engine='fast' reads local stores only, got {url!r}; use engine='auto' or 'zarr'"
+            )
         return {}
     root = url.split("://", 1)[1] if url.startswith("file://") else url
     group = store.open_group(root)
@@ -201,8 +236,10 @@ def _fast_arrays(url: str, names: list[str], engine: str) -> dict[str, Any]:
     for name in names:
         array = backend.fast_array(backend._array(group, name), os.path.join(root, name))
         if array is None and engine == "fast":
-            raise ValueError(f"{url}: variable {name!r} is not in a layout the fast reader"
-                             " decodes; use engine='auto' or 'zarr'")
+            raise ValueError(
+                f"{url}: variable {name!r} is not in a layout the fast reader"
+                " decodes; use engine='auto' or 'zarr'"
+            )
         if array is not None:
             out[name] = array
     return out

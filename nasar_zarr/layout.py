@@ -15,7 +15,7 @@ import re
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import dask.array as da
@@ -24,8 +24,8 @@ import pyarrow as pa
 import xarray as xr
 
 from . import columns, schema, source, store
-from ._version import __version__
 from . import metadata as meta
+from ._version import __version__
 from .errors import NotACubeError, SourceChangedError, StoreExistsError
 from .faults import fault_point
 from .plan import ConversionPlan, ConvertOptions, TarShard
@@ -47,34 +47,19 @@ def compressors(options: ConvertOptions) -> list:
 
 
 def skeleton(plan: ConversionPlan, table: pa.Table) -> tuple[xr.Dataset, dict]:
-    """The cube as a lazy Dataset (data never computed) plus its Zarr encoding."""
+    """The cube as a lazy Dataset (data never computed) plus its Zarr encoding.
+
+    The metadata coordinates are not in it (see :func:`metadata_coordinates`),
+    but every data variable's ``coordinates`` encoding already names them.
+    """
     n, o = plan.n_samples, plan.options
     # The configured shard even when the cube is smaller: tasks build shard objects
     # of exactly this size, and append can grow the cube into it.
     shard, inner = o.shard, o.inner_chunk
-    coords: dict[str, Any] = {
-        schema.SAMPLE_DIM: (
-            schema.SAMPLE_DIM,
-            np.array(plan.sample_keys, dtype=object),
-            {"long_name": "WebDataset sample key"},
-        ),
-    }
+    coords: dict[str, Any] = {schema.SAMPLE_DIM: sample_coordinate(plan)}
     coords.update({d: (d, v, schema.LABEL_ATTRS[d]) for d, v in schema.LABELS.items()})
     encoding: dict[str, dict] = {schema.SAMPLE_DIM: {"chunks": (max(n, 1),)}}
-    reserved = {*coords, *schema.VARIABLES, schema.STATUS, schema.RTC_PRESENT}
-    roles = columns.recognise(table.column_names, **dict(o.columns))
-    for name, (values, attrs) in meta.encode_table(table, roles=roles).items():
-        coord = f"metadata_{name}" if name in reserved else name
-        coords[coord] = (schema.SAMPLE_DIM, values, {**attrs, "nasar_column": name})
-        enc: dict[str, Any] = {"chunks": (max(n, 1),)}
-        if attrs[meta.ENCODING_ATTR] == "timestamp":
-            unit = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}[
-                np.datetime_data(values.dtype)[0]
-            ]
-            enc.update(units=f"{unit} since 1970-01-01", dtype="int64")
-        elif values.dtype.kind == "f":
-            enc["_FillValue"] = np.nan
-        encoding[coord] = enc
+    names = " ".join(_coordinate_names(table))
     ds = xr.Dataset(coords=coords)
     data_enc = {"chunks": None, "shards": None, "compressors": compressors(o)}
     for spec in schema.DATA_VARIABLES:
@@ -103,8 +88,64 @@ def skeleton(plan: ConversionPlan, table: pa.Table) -> tuple[xr.Dataset, dict]:
         schema.STATUS_ATTRS,
     )
     encoding[schema.STATUS] = {"chunks": (shard,), "_FillValue": None}
+    for var in ds.data_vars.values():
+        var.encoding["coordinates"] = names  # written one by one after the skeleton
+    roles = columns.recognise(table.column_names, **dict(o.columns))
     ds.attrs = {**provenance(plan, table), columns.ROLES_ATTR: columns.roles_attr(roles)}
     return ds, encoding
+
+
+def sample_coordinate(plan: ConversionPlan) -> tuple[str, np.ndarray, dict[str, str]]:
+    """The ``sample`` dimension coordinate: the WebDataset keys in release order."""
+    keys = np.array(plan.sample_keys, dtype=object)
+    return (schema.SAMPLE_DIM, keys, {"long_name": "WebDataset sample key"})
+
+
+def _coordinate_names(table: pa.Table) -> list[str]:
+    reserved = {
+        schema.SAMPLE_DIM,
+        *schema.LABELS,
+        *schema.VARIABLES,
+        schema.STATUS,
+        schema.RTC_PRESENT,
+    }
+    return [f"metadata_{name}" if name in reserved else name for name in table.column_names]
+
+
+def metadata_coordinates(
+    plan: ConversionPlan, table: pa.Table
+) -> Iterator[tuple[str, xr.Variable, dict[str, Any]]]:
+    """Each metadata column as ``(coordinate name, variable, encoding)``, one at a time.
+
+    One at a time so that a writer holds one column's values, not the whole table's
+    (strings become Python objects: ~1 GB for the release's table at once).
+    """
+    n = plan.n_samples
+    roles = columns.recognise(table.column_names, **dict(plan.options.columns))
+    for coord, name in zip(_coordinate_names(table), table.column_names, strict=True):
+        values, attrs = meta.encode_table(table.select([name]), roles=roles)[name]
+        enc: dict[str, Any] = {"chunks": (max(n, 1),)}
+        if attrs[meta.ENCODING_ATTR] == "timestamp":
+            unit = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}[
+                np.datetime_data(values.dtype)[0]
+            ]
+            enc.update(units=f"{unit} since 1970-01-01", dtype="int64")
+        elif values.dtype.kind == "f":
+            enc["_FillValue"] = np.nan
+        yield coord, xr.Variable(schema.SAMPLE_DIM, values, {**attrs, "nasar_column": name}), enc
+
+
+def write_coordinates(
+    plan: ConversionPlan, table: pa.Table, coordinates: Iterable[tuple[str, Any, dict]]
+) -> None:
+    """Write 1-D coordinates along ``sample`` into the store, one Zarr array each."""
+    zstore = store.zarr_store(plan.dest, plan.storage_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for coord, variable, enc in coordinates:
+            xr.Dataset(coords={coord: variable}).to_zarr(
+                zstore, mode="a", zarr_format=3, consolidated=False, encoding={coord: enc}
+            )
 
 
 def provenance(plan: ConversionPlan, table: pa.Table) -> dict[str, Any]:
@@ -284,6 +325,9 @@ def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> 
             encoding=encoding,
             consolidated=False,
         )
+    write_coordinates(plan, table, metadata_coordinates(plan, table))
+    # Writing a lone coordinate leaves a root "coordinates" attribute: put back ours.
+    store.open_group(dest, so, mode="r+", use_consolidated=False).attrs.put(ds.attrs)
     created = store.read_provenance(ds.attrs)["created"]
     store.write_json(dest, store.SKELETON_FILE, {"created": created}, so)
     save_indexes(plan)

@@ -91,8 +91,10 @@ class ByteSource:
         self, url: str, storage_options: Mapping[str, Any] | None = None, *, size: int | None = None
     ) -> None:
         self.url = url
+        self.requests = 0  # ranges read through read_many
         self._size: int | None = None
         self._fd: int | None = None
+        self._fs: Any = None
         if not is_remote(url):
             path = url.split("://", 1)[1] if url.startswith("file://") else url
             self._fd = os.open(path, os.O_RDONLY)
@@ -127,31 +129,38 @@ class ByteSource:
         return os.pread(self._fd, end - offset, offset)  # type: ignore[arg-type]
 
     def read_many(self, offsets: Sequence[int], length: int) -> list[bytes]:
-        """``length`` bytes at each offset (short at the end of the file), concurrently.
+        """``length`` bytes at each offset (short at the end of the file).
 
-        Locally, ascending offsets closer than 64 KiB are read in one ``pread``
-        of at most 4 MiB (the page cache serves it; no file is mapped, so the
-        process's memory stays its own).
+        Ascending offsets closer than 8 KiB are read as one range of at most
+        1 MiB (tiny members: a few requests per thousand headers; members of a
+        megabyte or more: one 512-byte range each). Remotely the ranges go out
+        concurrently (``cat_ranges``).
         """
+        windows: list[tuple[int, int, int, int]] = []  # (first, last + 1, start, end)
+        i, n = 0, len(offsets)
+        while i < n:
+            j, start = i + 1, offsets[i]
+            while (j < n and 0 <= offsets[j] - offsets[j - 1] <= _WINDOW_GAP
+                   and offsets[j] + length - start <= _WINDOW):
+                j += 1
+            windows.append((i, j, start, offsets[j - 1] + length))
+            i = j
         if self._fs is None:
-            out: list[bytes] = []
-            i, n = 0, len(offsets)
-            while i < n:
-                j, start = i + 1, offsets[i]
-                while (j < n and 0 <= offsets[j] - offsets[j - 1] <= _WINDOW_GAP
-                       and offsets[j] + length - start <= _WINDOW):
-                    j += 1
-                window = self.read(start, offsets[j - 1] + length - start)
-                out += [window[o - start : o - start + length] for o in offsets[i:j]]
-                i = j
-            return out
-        starts = [int(o) for o in offsets if o < self.size]
-        ends = [min(o + length, self.size) for o in starts]
-        got = self._fs.cat_ranges([self._path] * len(starts), starts, ends) if starts else []
-        for item in got:
-            if isinstance(item, BaseException):
-                raise item
-        return list(got) + [b""] * (len(offsets) - len(starts))
+            data = [self.read(start, end - start) for _, _, start, end in windows]
+        else:
+            size = self.size
+            ranges = [(start, min(end, size)) for _, _, start, end in windows if start < size]
+            starts, ends = [r[0] for r in ranges], [r[1] for r in ranges]
+            data = list(self._fs.cat_ranges([self._path] * len(ranges), starts, ends))
+            data += [b""] * (len(windows) - len(ranges))
+            for item in data:
+                if isinstance(item, BaseException):
+                    raise item
+        self.requests += len(windows)
+        out: list[bytes] = []
+        for (i, j, start, _), window in zip(windows, data, strict=True):
+            out += [window[o - start : o - start + length] for o in offsets[i:j]]
+        return out
 
     def close(self) -> None:
         if self._fd is not None:
@@ -165,8 +174,8 @@ class ByteSource:
         self.close()
 
 
-_WINDOW_GAP = 64 * 2**10
-_WINDOW = 4 * 2**20
+_WINDOW_GAP = 8 * 2**10
+_WINDOW = 2**20
 
 
 class _SourceFile(io.RawIOBase):
@@ -189,7 +198,7 @@ class _SourceFile(io.RawIOBase):
             self._src.size + offset)
         return self._pos
 
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, n: int | None = -1) -> bytes:
         n = self._src.size - self._pos if n is None or n < 0 else min(n, self._src.size - self._pos)
         data = self._src.read(self._pos, n) if n > 0 else b""
         self._pos += len(data)
@@ -200,7 +209,7 @@ class _SourceFile(io.RawIOBase):
 def open_binary(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[BinaryIO]:
     """Open a local path or fsspec URL for reading (remote: no read-ahead, exact ranges)."""
     with ByteSource(url, storage_options) as src:
-        yield io.BufferedReader(_SourceFile(src), buffer_size=_BLOCK)  # type: ignore[arg-type]
+        yield io.BufferedReader(_SourceFile(src), buffer_size=_BLOCK)
 
 
 def file_size(url: str, storage_options: Mapping[str, Any] | None = None) -> int:
@@ -211,6 +220,15 @@ def file_size(url: str, storage_options: Mapping[str, Any] | None = None) -> int
 # ---------------------------------------------------------------------------- tar headers
 
 _BLOCK = 512
+# tarfile's header errors (private names; what TarFile.next makes of each is mirrored)
+_EOF_HEADER: type[Exception] = getattr(tarfile, "EOFHeaderError")  # noqa: B009
+_EMPTY_HEADER: type[Exception] = getattr(tarfile, "EmptyHeaderError")  # noqa: B009
+_BAD_FIRST_HEADER: tuple[type[Exception], ...] = (
+    getattr(tarfile, "InvalidHeaderError"),  # noqa: B009
+    _EMPTY_HEADER,
+    getattr(tarfile, "TruncatedHeaderError"),  # noqa: B009
+)
+_SUBSEQUENT_HEADER: type[Exception] = getattr(tarfile, "SubsequentHeaderError")  # noqa: B009
 _NUMERIC_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (148, 8), (329, 8),
                    (337, 8))
 _DIGITS = np.zeros(256, dtype=bool)
@@ -243,8 +261,28 @@ def scan_tar(src: ByteSource, *, max_batch: int | None = None) -> TarMembers:
     sends the walk back to ``tarfile``'s own header parser for that member
     (pax, GNU long names, sparse files, odd fields, end of archive), so the
     result is the same as iterating ``tarfile`` over the file.
+
+    Parameters
+    ----------
+    src
+        The tar's bytes.
+    max_batch
+        Most headers predicted at once (default 16,384 locally, 256 remotely).
+
+    Returns
+    -------
+    TarMembers
+        Names, data offsets, sizes and file flags of every member, and the error
+        (``tarfile``'s words) that ended the walk early, if any.
+
+    Examples
+    --------
+    >>> with ByteSource("corpus/data/nasar-train-000000.tar") as src:  # doctest: +SKIP
+    ...     members = scan_tar(src)
+    >>> members.names[:2], members.offsets[:2]  # doctest: +SKIP
     """
     remote = src._fs is not None
+    src.requests = 0
     max_batch = max_batch or (256 if remote else 16384)
     names: list[str] = []
     offsets: list[int] = []
@@ -261,7 +299,6 @@ def scan_tar(src: ByteSource, *, max_batch: int | None = None) -> TarMembers:
             planned += pos - pattern[0]
             planned = planned[planned + _BLOCK <= src.size]
             blocks = src.read_many(planned.tolist(), _BLOCK) if len(planned) else []
-            requests += len(blocks) if remote else 0
             n_ok, (got_names, got_offsets, got_sizes) = _plain_headers(blocks, planned, src.size)
             names += got_names
             offsets += got_offsets
@@ -284,14 +321,13 @@ def scan_tar(src: ByteSource, *, max_batch: int | None = None) -> TarMembers:
         start = shim.reads
         try:
             info = tarfile.TarInfo.fromtarfile(shim)  # type: ignore[arg-type]
-        except tarfile.EOFHeaderError:
+        except _EOF_HEADER:
             break
-        except (tarfile.InvalidHeaderError, tarfile.EmptyHeaderError,
-                tarfile.TruncatedHeaderError) as exc:
+        except _BAD_FIRST_HEADER as exc:
             if pos == 0:
-                error = "empty file" if isinstance(exc, tarfile.EmptyHeaderError) else str(exc)
+                error = "empty file" if isinstance(exc, _EMPTY_HEADER) else str(exc)
             break
-        except tarfile.SubsequentHeaderError as exc:
+        except _SUBSEQUENT_HEADER as exc:
             error = str(exc)
             break
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
@@ -311,7 +347,7 @@ def scan_tar(src: ByteSource, *, max_batch: int | None = None) -> TarMembers:
             strides.clear()  # pax, long names, other types: no prediction across them
         pos = shim.offset
     return TarMembers(names, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
-                      np.array(isfile, dtype=bool), error, requests)
+                      np.array(isfile, dtype=bool), error, requests + src.requests)
 
 
 def _padded(size: int) -> int:
@@ -408,7 +444,7 @@ class _CountingFile(_SourceFile):
         super().__init__(src)
         self.reads = 0
 
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, n: int | None = -1) -> bytes:
         self.reads += 1
         return super().read(n)
 
@@ -776,7 +812,7 @@ def read_index(
     storage_options: Mapping[str, Any] | None = None,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     read_bytes: int = READ_BYTES,
-) -> Iterator[tuple[str, dict[str, np.ndarray] | Exception]]:
+) -> Iterator[tuple[str, dict[str, np.ndarray] | SourceError]]:
     """Read and validate the samples of ``index`` in a few large ranged reads.
 
     Consecutive samples are read together, one range of at least ``read_bytes``
@@ -785,6 +821,32 @@ def read_index(
     ``(key, arrays)``, or ``(key, error)`` for a bad sample; a tar that ends
     before a member does raises :class:`ShardCorruptError` (after the samples
     before it).
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL of the tar.
+    index
+        The samples to read (a :class:`TarIndex`, or a part of one).
+    shard
+        The name errors give the tar (default ``url``).
+    storage_options
+        fsspec options.
+    max_member_bytes
+        Size cap of an inflated npz entry.
+    read_bytes
+        Smallest range read at once (the last one of a span may be shorter).
+
+    Returns
+    -------
+    Iterator of (str, dict or SourceError)
+        Each sample's key with its arrays (native float32) or its problem.
+
+    Examples
+    --------
+    >>> url = "corpus/data/nasar-train-000000.tar"  # doctest: +SKIP
+    >>> for key, arrays in read_index(url, index_tar(url)):  # doctest: +SKIP
+    ...     print(key, arrays["dem"].shape)
     """
     shard = shard or url
     n = len(index)
@@ -807,7 +869,7 @@ def read_index(
             data = memoryview(src.read(begin, end - begin))
             for i in range(lo, hi):
                 key = index.keys[i].as_py()
-                payloads = []
+                payloads: list[tuple[Member, Any]] = []
                 for j in range(int(start[i]), int(start[i + 1])):
                     suffix = index.suffixes[index.suffix[j]]
                     member = Member(f"{key}.{suffix}", int(index.offset[j]), int(index.size[j]),
@@ -839,7 +901,7 @@ def read_samples(
     shard: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-) -> Iterator[tuple[str, dict[str, np.ndarray] | Exception]]:
+) -> Iterator[tuple[str, dict[str, np.ndarray] | SourceError]]:
     """Read and validate samples by byte range (see :func:`read_index`).
 
     Yields ``(key, arrays)``, or ``(key, error)`` for a bad sample, so that the

@@ -55,12 +55,14 @@ def run_task(
     nonfinite: list[dict] = []
     encode = sharding.inner_encoder(options.codec, options.clevel)
     chunk = schema.empty_batch(k)  # this task's own buffers: one inner chunk
-    pieces: dict[str, list[bytes]] = {name: [] for name in schema.VARIABLES}
+    # None: an inner chunk of fill values only, left out of its shard (marked empty)
+    pieces: dict[str, list[bytes | None]] = {name: [] for name in schema.VARIABLES}
     samples = task_samples(
         task, src=src, max_member_bytes=options.max_member_bytes, storage_options=storage_options
     )
     pending = next(samples, None)
     for chunk_start in range(task.start, task.start + -(-n // k) * k, k):
+        filled = False
         for j in range(k):
             row = chunk_start + j
             if pending is None or pending[0] != row:  # rejected at planning, or past the end
@@ -77,6 +79,7 @@ def run_task(
                 _set_row(chunk, j, np.nan)
                 continue
             schema.fill_batch(chunk, j, arrays)
+            filled = True
             counts = {} if _all_finite(arrays) else source.nonfinite_counts(arrays)
             if counts:
                 nonfinite.append(
@@ -85,7 +88,7 @@ def run_task(
             status[row - task.start] = schema.STATUS_WRITTEN
             present[row - task.start] = schema.rtc_present(chunk["rtc"][j])
         for name, values in chunk.items():
-            pieces[name].append(encode(values))
+            pieces[name].append(encode(values) if filled else None)
     for row in rejected_rows:
         status[row - task.start] = schema.STATUS_REJECTED
     for r in rejections:
@@ -198,21 +201,36 @@ def task_samples(
 def write_shard(
     dest: str,
     key: str,
-    pieces: list[bytes],
+    pieces: list[bytes | None],
     options: ConvertOptions,
     storage_options: Mapping[str, Any] | None,
-) -> int:
-    """Write one shard object (inner chunks + index) in one piece; returns its CRC-32."""
-    index = sharding.shard_index([len(p) for p in pieces], options.shard // options.inner_chunk)
+) -> int | None:
+    """Write one shard object (inner chunks + index) in one piece; returns its CRC-32.
+
+    ``None`` pieces (inner chunks of fill values only) are left out and marked
+    empty in the index; a shard of nothing but those is not written at all (a
+    leftover of an interrupted run is removed) and its checksum is None, as for
+    any object that holds only fill values.
+    """
     fs, root = store.filesystem(dest, storage_options)
     path = f"{root}/{key}"
+    if all(p is None for p in pieces):
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        return None
+    index = sharding.shard_index(
+        [None if p is None else len(p) for p in pieces], options.shard // options.inner_chunk
+    )
     if not source.is_remote(dest):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     crc = 0
     with fs.open(path, "wb") as f:
         for piece in [*pieces, index]:
-            f.write(piece)
-            crc = source.crc32(piece, crc)
+            if piece is not None:
+                f.write(piece)
+                crc = source.crc32(piece, crc)
     return crc
 
 

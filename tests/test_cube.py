@@ -123,7 +123,7 @@ def _expected_bytes(layouts, pieces) -> int:
     return total
 
 
-@pytest.mark.parametrize("how", ["slice on dask", "list without dask"])
+@pytest.mark.parametrize("how", ["slice on dask", "list on dask", "list without dask"])
 def test_a_few_samples_read_only_their_inner_chunks(small_cube, how):
     """A few samples cost their inner chunks and the shard indexes, not whole shards.
 
@@ -135,6 +135,11 @@ def test_a_few_samples_read_only_their_inner_chunks(small_cube, how):
     if how == "slice on dask":
         ds = open_cube(str(small_cube))
         select, pieces = {"sample": slice(9, 11)}, [(1, (0, 1))]
+    elif how == "list on dask":
+        # dask chunks of 3 whole shards: dask's take would read each touched chunk whole
+        ds = open_cube(str(small_cube), chunks=24)
+        assert ds.chunks["sample"] == (24, 8)
+        select, pieces = {"sample": [30, 3, 20]}, [(0, (1,)), (2, (2,)), (3, (3,))]
     else:
         ds = open_cube(str(small_cube), chunks=None)
         select, pieces = {"sample": [9, 10, 20]}, [(1, (0, 1)), (2, (2,))]
@@ -149,6 +154,60 @@ def test_a_few_samples_read_only_their_inner_chunks(small_cube, how):
         os.path.getsize(layouts[n].object_path(obj)) for n in VARIABLES for obj, _ in pieces
     )
     assert read < 0.8 * touched  # not the whole shards
+
+
+def test_sample_selections_on_multi_shard_dask_chunks(small_cube, reference):
+    """Lists, masks, keys and chains of selections on chunks of 3 shards equal zarr-python's."""
+    ds = open_cube(str(small_cube), chunks=24)
+    for index in (
+        [5, 17, 3],
+        [31, 31, 2, -1],
+        np.arange(32)[::-1],
+        np.arange(32) % 3 == 0,
+        list(range(2, 30)),
+        slice(1, 30, 7),
+        9,
+    ):
+        got = ds.isel(sample=index).compute(scheduler="sync")
+        xr.testing.assert_identical(got, reference.isel(sample=index))
+    chained = ds.isel(sample=slice(4, 30)).isel(sample=[20, 0, 7], view=1, x=slice(3, 9))
+    expected = reference.isel(sample=slice(4, 30)).isel(sample=[20, 0, 7], view=1, x=slice(3, 9))
+    xr.testing.assert_identical(chained.compute(scheduler="sync"), expected)
+    # every other use of a chunk sees the samples read: arithmetic, methods, map_blocks
+    rtc = ds["rtc"].data
+    np.testing.assert_array_equal((rtc * 2 + 1).compute(), reference["rtc"].values * 2 + 1)
+    assert rtc.map_blocks(
+        lambda b: np.asarray(b).sum(keepdims=True) * 0 + b.shape[0],
+        chunks=(1,) * rtc.ndim,
+        drop_axis=[],
+    ).compute().ravel().tolist() == [24, 8]
+    summed = ds.astype("float64").sum("sample").compute()
+    xr.testing.assert_allclose(summed, reference.astype("float64").sum("sample"))
+
+
+def test_lazy_rows_narrow_before_reading(small_cube, reference):
+    group = backend.zarr.open_group(str(small_cube), mode="r")
+    layout = backend.array_layout(group["rtc"], str(small_cube / "rtc"))
+    chunk = backend.LazyRows(layout, range(0, 24))
+    picked = chunk[[20, 3]]
+    assert type(picked) is backend.LazyRows and picked.shape == (2, *layout.row_shape)
+    assert "not read" in repr(chunk) and "not read" in repr(picked)
+    values = reference["rtc"].values
+    np.testing.assert_array_equal(np.asarray(picked), values[[20, 3]])
+    np.testing.assert_array_equal(chunk[5:9][::2][1], values[7])
+    np.testing.assert_array_equal(chunk[-1, 0, 1], values[23, 0, 1])
+    np.testing.assert_array_equal(chunk[[1, 2], ..., 0], values[[1, 2], ..., 0])  # read, then cut
+    assert "not read" in repr(chunk)
+    # pickled, it is the ndarray it reads to; numpy sees it as that ndarray
+    back = pickle.loads(pickle.dumps(picked))
+    assert type(back) is np.ndarray
+    np.testing.assert_array_equal(back, values[[20, 3]])
+    assert np.concatenate([picked, chunk[[0]]]).shape == (3, *layout.row_shape)
+    assert float(np.sum(chunk)) == float(values[:24].sum(dtype=np.float32))
+    assert chunk.astype(np.float64).dtype == np.float64 and "read" in repr(chunk)
+    assert dask.sizeof.sizeof(chunk) == chunk.nbytes == values[:24].nbytes
+    with pytest.raises(IndexError):
+        chunk[[24]].values()
 
 
 def test_reading_in_a_forked_child_after_the_parent_read(small_cube, reference):

@@ -23,8 +23,9 @@ N_SAMPLES = 12
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("remote-corpus"), n_shards=2,
-                        samples_per_shard=[7, 5], seed=3)
+    return write_corpus(
+        tmp_path_factory.mktemp("remote-corpus"), n_shards=2, samples_per_shard=[7, 5], seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,11 @@ def _corpus_bytes(root: Path, pattern: str = "**/*") -> int:
 def _objects(fs, root: str) -> dict[str, bytes]:
     """Every data object of a cube (not the root's attributes, not the bookkeeping)."""
     root = root.rstrip("/")
-    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)
-            if p[len(root) + 1 :] != "zarr.json" and not p[len(root) + 1 :].startswith("_nasar")}
+    return {
+        p[len(root) + 1 :]: fs.cat_file(p)
+        for p in fs.find(root)
+        if p[len(root) + 1 :] != "zarr.json" and not p[len(root) + 1 :].startswith("_nasar")
+    }
 
 
 def test_s3_plan_reads_headers_execute_reads_once_and_puts_once(s3, corpus, local_cube):
@@ -63,8 +67,9 @@ def test_s3_plan_reads_headers_execute_reads_once_and_puts_once(s3, corpus, loca
 
     options, proxy = s3
     proxy.reset()
-    plan = plan_conversion("s3://bkt/corpus", "s3://bkt/cube.zarr", shard=4, inner_chunk=2,
-                           storage_options=options)
+    plan = plan_conversion(
+        "s3://bkt/corpus", "s3://bkt/cube.zarr", shard=4, inner_chunk=2, storage_options=options
+    )
     planning = proxy.reset()
     tar_gets = [r for r in planning if r.method == "GET" and r.path.endswith(".tar")]
     assert {r.bytes_out for r in tar_gets} == {512}  # headers only, no read-ahead
@@ -78,25 +83,30 @@ def test_s3_plan_reads_headers_execute_reads_once_and_puts_once(s3, corpus, loca
     read = sum(r.bytes_out for r in executing if r.path.endswith(".tar"))
     assert tar_bytes * 0.99 <= read <= 1.05 * tar_bytes
     # besides the reads, one HEAD per tar: the check that it did not change since planning
-    assert Counter((r.method, r.path) for r in executing
-                   if r.path.endswith(".tar") and r.method != "GET") == {
-        ("HEAD", f"/bkt/corpus/{path}"): 1 for path in corpus.shard_paths}
+    assert Counter(
+        (r.method, r.path) for r in executing if r.path.endswith(".tar") and r.method != "GET"
+    ) == {("HEAD", f"/bkt/corpus/{path}"): 1 for path in corpus.shard_paths}
     # one Zarr shard object per variable and task: written with one PUT, never HEAD/LIST/GET
     shard_objects = Counter(
-        (r.method, r.path) for r in executing if "/c/" in r.path
-        and r.path.split("/")[3] in {"rtc", "inc_angle", "ifg", "coh", "dem", "slope_deg"})
+        (r.method, r.path)
+        for r in executing
+        if "/c/" in r.path
+        and r.path.split("/")[3] in {"rtc", "inc_angle", "ifg", "coh", "dem", "slope_deg"}
+    )
     assert len(shard_objects) == 6 * 3
     assert set(shard_objects.values()) == {1} and {m for m, _ in shard_objects} == {"PUT"}
 
     fs = s3fs.S3FileSystem(**options)
     assert _objects(fs, "bkt/cube.zarr") == _objects(
-        __import__("fsspec").filesystem("file"), str(local_cube))
+        __import__("fsspec").filesystem("file"), str(local_cube)
+    )
 
     # The index was kept with the cube: planning again reads no tar header.
     assert fs.exists(f"bkt/cube.zarr/{store.index_path(plan.tar_shards[0].path)}")
     proxy.reset()
-    again = plan_conversion("s3://bkt/corpus", "s3://bkt/cube.zarr", shard=4, inner_chunk=2,
-                            storage_options=options)
+    again = plan_conversion(
+        "s3://bkt/corpus", "s3://bkt/cube.zarr", shard=4, inner_chunk=2, storage_options=options
+    )
     replanning = proxy.reset()
     assert again == plan
     assert [r for r in replanning if r.method == "GET" and r.path.endswith(".tar")] == []
@@ -134,13 +144,17 @@ def test_indexing_over_a_slow_link_batches_requests(tmp_path):
         elapsed = time.perf_counter() - start
         requests = server.reset()
     assert index.keys.to_pylist() == [f"k{i:04d}" for i in range(300)]
-    assert {r.bytes_out for r in requests if r.method == "GET"} == {512}
-    assert 300 <= len(requests) <= 320
-    assert elapsed < 0.02 * len(requests) / 4  # one by one would take 20 ms each
+    # tiny members: the headers of neighbours come in one range (up to 1 MiB) each
+    gets = [r for r in requests if r.method == "GET"]
+    assert len(gets) <= 12
+    assert sum(r.bytes_out for r in gets) <= 2 * (tmp_path / "s.tar").stat().st_size
+    assert elapsed < 0.02 * 300 / 2  # one header at a time: >= 6 s (20 ms each)
 
 
-@pytest.mark.skipif(not os.environ.get("NASAR_ZARR_HF_DATASET"),
-                    reason="set NASAR_ZARR_HF_DATASET=hf://datasets/<org>/<name> (network)")
+@pytest.mark.skipif(
+    not os.environ.get("NASAR_ZARR_HF_DATASET"),
+    reason="set NASAR_ZARR_HF_DATASET=hf://datasets/<org>/<name> (network)",
+)
 def test_hub_dataset_plans():  # pragma: no cover - needs the network
     plan = plan_conversion(os.environ["NASAR_ZARR_HF_DATASET"], "memory://nasar.zarr")
     assert plan.n_samples > 0

@@ -19,8 +19,9 @@ from nasar_zarr.layout import check_destination
 from nasar_zarr.plan import TarShard
 
 
-def _tar(n, fmt=tarfile.USTAR_FORMAT, name=lambda i: f"k{i:05d}.npz", size=lambda i: 1000,
-         dirs=False) -> bytes:
+def _tar(
+    n, fmt=tarfile.USTAR_FORMAT, name=lambda i: f"k{i:05d}.npz", size=lambda i: 1000, dirs=False
+) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
         for i in range(n):
@@ -36,24 +37,47 @@ def _tar(n, fmt=tarfile.USTAR_FORMAT, name=lambda i: f"k{i:05d}.npz", size=lambd
 
 
 USTAR = _tar(300)
+
+
+def _space_padded(data: bytes, every: int) -> bytes:
+    """Every ``every``-th header's mode written as other tars do ("   644 "): tarfile's path."""
+    out = bytearray(data)
+    for i in range(0, 300, every):
+        h = i * 1536
+        out[h + 100 : h + 108] = b"   644 \0"
+        out[h + 148 : h + 156] = b" " * 8
+        out[h + 148 : h + 156] = b"%06o\0 " % sum(out[h : h + 512])
+    return bytes(out)
+
+
 CASES = {
     "ustar": USTAR,
-    "pax_long_names": _tar(200, tarfile.PAX_FORMAT,
-                           name=lambda i: "d/" * 60 + f"k{i}.npz" if i % 5 == 0 else f"k{i}.npz"),
-    "gnu_long_names": _tar(200, tarfile.GNU_FORMAT,
-                           name=lambda i: "x" * 120 + f"/k{i}.npz" if i % 9 == 0 else f"k{i}.npz"),
+    "pax_long_names": _tar(
+        200,
+        tarfile.PAX_FORMAT,
+        name=lambda i: "d/" * 60 + f"k{i}.npz" if i % 5 == 0 else f"k{i}.npz",
+    ),
+    "gnu_long_names": _tar(
+        200,
+        tarfile.GNU_FORMAT,
+        name=lambda i: "x" * 120 + f"/k{i}.npz" if i % 9 == 0 else f"k{i}.npz",
+    ),
     "ustar_prefix": _tar(40, name=lambda i: "p" * 90 + "/" + "q" * 30 + f"/k{i}.npy"),
     "varying_sizes_and_dirs": _tar(200, size=lambda i: 1000 + (i % 3) * 700, dirs=True),
-    "two_members_per_sample": _tar(200, name=lambda i: f"k{i // 2}." + ("npz" if i % 2 else "json"),
-                                   size=lambda i: 3000 if i % 2 else 10),
+    "two_members_per_sample": _tar(
+        200,
+        name=lambda i: f"k{i // 2}." + ("npz" if i % 2 else "json"),
+        size=lambda i: 3000 if i % 2 else 10,
+    ),
     "empty_file": b"",
     "only_zeros": b"\0" * 10240,
     "garbage": b"garbage" * 1000,
-    "cut_in_data": USTAR[:100_000 + 700],
+    "cut_in_data": USTAR[: 100_000 + 700],
     "cut_in_padding": USTAR[: 512 + 1000 + 3],
     "cut_in_header": USTAR[: 1536 * 5 + 300],
     "bad_header_midway": USTAR[: 1536 * 7] + b"x" * 512 + USTAR[1536 * 8 :],
     "no_end_blocks": USTAR[: 1536 * 300],
+    "space_padded_fields": _space_padded(USTAR, 37),
 }
 
 
@@ -75,8 +99,9 @@ def test_header_walk_agrees_with_tarfile(case, tmp_path):
     expected, error = _tarfile_members(path)
     with source.ByteSource(str(path)) as src:
         got = source.scan_tar(src)
-    members = list(zip(got.names, got.offsets.tolist(), got.sizes.tolist(),
-                       got.isfile.tolist(), strict=True))
+    members = list(
+        zip(got.names, got.offsets.tolist(), got.sizes.tolist(), got.isfile.tolist(), strict=True)
+    )
     assert members == expected
     assert got.error == error
 
@@ -98,8 +123,7 @@ def test_index_is_columnar_and_round_trips(small_corpus):
 
 
 def test_plan_is_columnar_small_and_round_trips(small_corpus, tmp_path):
-    plan = plan_conversion(str(small_corpus.root), str(tmp_path / "c.zarr"), shard=8,
-                           inner_chunk=2)
+    plan = plan_conversion(str(small_corpus.root), str(tmp_path / "c.zarr"), shard=8, inner_chunk=2)
     text = plan.to_json()
     back = ConversionPlan.from_json(text)
     assert back == plan
@@ -120,8 +144,10 @@ def test_rejections_print_counts_by_reason(tmp_path):
 
     table = pq.read_table(info.root / "metadata.parquet")
     keys = [f"ghost{i}" for i in range(len(table))]
-    pq.write_table(table.set_column(0, "sample_key", __import__("pyarrow").array(keys)),
-                   info.root / "metadata.parquet")
+    pq.write_table(
+        table.set_column(0, "sample_key", __import__("pyarrow").array(keys)),
+        info.root / "metadata.parquet",
+    )
     plan = plan_conversion(str(info.root), str(tmp_path / "d.zarr"), on_error="skip")
     text = repr(plan).splitlines()
     assert "  rejected:  16 samples at planning" in text
@@ -155,14 +181,18 @@ def test_index_is_kept_with_the_cube_and_reused_only_while_unchanged(small_corpu
     os.utime(root / first.path, (1e9, 1e9))
     replan = plan_conversion(str(root), str(dest), shard=8, inner_chunk=2)
     assert replan.tar_shards[0].mtime != first.mtime
-    with pytest.raises(SourceChangedError, match=r"nasar-train-000000.tar: changed since the cube"
-                                                 r" at .* was made from it \(modified "):
+    with pytest.raises(
+        SourceChangedError,
+        match=r"nasar-train-000000.tar: changed since the cube"
+        r" at .* was made from it \(modified ",
+    ):
         check_destination(replan, overwrite=False)
 
 
 def test_indexing_on_the_cluster_gives_the_same_plan(small_corpus, tmp_path, dask_client):
     dest = str(tmp_path / "c.zarr")
     here = plan_conversion(str(small_corpus.root), dest, shard=8, inner_chunk=2)
-    there = plan_conversion(str(small_corpus.root), dest, shard=8, inner_chunk=2,
-                            client=dask_client)
+    there = plan_conversion(
+        str(small_corpus.root), dest, shard=8, inner_chunk=2, client=dask_client
+    )
     assert there == here

@@ -49,8 +49,7 @@ class _Server:
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def record(self, request: Request) -> None:
         with self._lock:
@@ -101,8 +100,14 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(length) if length else b""
 
-    def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes,
-               head: bool = False, length: int | None = None) -> None:
+    def _reply(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        head: bool = False,
+        length: int | None = None,
+    ) -> None:
         self.send_response(status)
         for k, v in headers:
             if k.lower() not in _HOP and k.lower() != "content-length":
@@ -137,8 +142,8 @@ class _ProxyHandler(_Handler):
         body = self._body()
         if proxy.delay:
             time.sleep(proxy.delay)
-        conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,
-                                          timeout=60)
+        host = proxy.upstream.hostname or "127.0.0.1"
+        conn = http.client.HTTPConnection(host, proxy.upstream.port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         if "Content-Length" in self.headers or body:
             headers["Content-Length"] = str(len(body))
@@ -148,8 +153,16 @@ class _ProxyHandler(_Handler):
         data = resp.read()
         head = self.command == "HEAD"
         length = int(resp.getheader("Content-Length") or 0) if head else None
-        proxy.record(Request(self.command, urllib.parse.unquote(self.path.split("?")[0]),
-                             resp.status, self.headers.get("Range"), len(body), len(data)))
+        proxy.record(
+            Request(
+                self.command,
+                urllib.parse.unquote(self.path.split("?")[0]),
+                resp.status,
+                self.headers.get("Range"),
+                len(body),
+                len(data),
+            )
+        )
         self._reply(resp.status, resp.getheaders(), data, head=head, length=length)
         conn.close()
 
@@ -186,7 +199,7 @@ class _FileHandler(_Handler):
         size = path.stat().st_size
         start, end, status = 0, size, 200
         if rng and rng.startswith("bytes="):
-            first, _, last = rng[len("bytes="):].partition("-")
+            first, _, last = rng[len("bytes=") :].partition("-")
             if first:
                 start, end = int(first), min(int(last) + 1 if last else size, size)
             else:
@@ -200,8 +213,11 @@ class _FileHandler(_Handler):
             f.seek(start)
             data = b"" if head else f.read(end - start)
         stat = path.stat()
-        headers = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
-                   ("ETag", f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"')]
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Accept-Ranges", "bytes"),
+            ("ETag", f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'),
+        ]
         if status == 206:
             headers.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
         server.record(Request(self.command, "/" + rel, status, rng, 0, len(data)))
