@@ -22,11 +22,17 @@ demo: $(BIN)/nasar-zarr
 	$(BIN)/nasar-zarr convert $(DEMO)/corpus $(DEMO)/nasar.zarr --shard 32 --workers 2
 	$(BIN)/nasar-zarr info $(DEMO)/nasar.zarr
 
+# Lint, format, types, then the tests: CI runs exactly this (.ci/run).
 test: $(BIN)/nasar-zarr chromium
+	$(BIN)/ruff check nasar_zarr tests benchmarks
+	$(BIN)/ruff format --check nasar_zarr tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/nasar-zarr
 	$(BIN)/ruff check nasar_zarr tests benchmarks
+	$(BIN)/ruff format --check nasar_zarr tests benchmarks
+	$(BIN)/mypy
 
 bench-quick: $(BIN)/nasar-zarr
 	$(BIN)/python benchmarks/run.py --quick

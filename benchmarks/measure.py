@@ -151,8 +151,9 @@ class ProcSampler(threading.Thread):
     out.
     """
 
-    def __init__(self, *, root: int | None = None, pids: Sequence[int] = (),
-                 interval: float = 0.25):
+    def __init__(
+        self, *, root: int | None = None, pids: Sequence[int] = (), interval: float = 0.25
+    ):
         super().__init__(daemon=True)
         import psutil
 
@@ -258,8 +259,9 @@ def cli_executable() -> list[str]:
     return [sys.executable, "-c", "import sys; from nasar_zarr.cli import main; sys.exit(main())"]
 
 
-def run_cli_convert(src: Path, dest: Path, *, workers: int, log: Path,
-                    extra: Sequence[str] = ()) -> dict[str, Any]:
+def run_cli_convert(
+    src: Path, dest: Path, *, workers: int, log: Path, extra: Sequence[str] = ()
+) -> dict[str, Any]:
     """``nasar-zarr convert`` end to end in a subprocess, RSS sampled with psutil."""
     if dest.exists():
         shutil.rmtree(dest)
@@ -273,13 +275,13 @@ def run_cli_convert(src: Path, dest: Path, *, workers: int, log: Path,
         wall = now() - t
         sampler.stop()
     if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); see {log}:\n"
-                           + log.read_text()[-3000:])
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); see {log}:\n" + log.read_text()[-3000:])
     return {"wall_s": wall, **sampler.report(wall), "cmd": " ".join(cmd[-6:])}
 
 
-def convert_with_client(src: Path, dest: Path, *, workers: int,
-                        options: dict | None = None) -> dict[str, Any]:
+def convert_with_client(
+    src: Path, dest: Path, *, workers: int, options: dict | None = None
+) -> dict[str, Any]:
     """Plan + execute through the library with an already running LocalCluster.
 
     The cluster is started (and every worker has imported nasar_zarr) before the
@@ -294,15 +296,21 @@ def convert_with_client(src: Path, dest: Path, *, workers: int,
         shutil.rmtree(dest)
     environ = dict(os.environ)  # the nanny writes its pre-spawn-environ into os.environ
     t0 = now()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=":0", memory_limit=0)
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        memory_limit=0,
+    )
     client = Client(cluster)
     try:
         client.run(lambda: __import__("nasar_zarr.execute"))
         start_s = now() - t0
         pids = list(client.run(os.getpid).values())
-        trim = sorted(set(client.run(lambda: str(os.environ.get("MALLOC_TRIM_THRESHOLD_")))
-                          .values()))
+        trim = sorted(
+            set(client.run(lambda: str(os.environ.get("MALLOC_TRIM_THRESHOLD_"))).values())
+        )
         sampler = ProcSampler(pids=pids)
         sampler.start()
         t = now()
@@ -317,10 +325,14 @@ def convert_with_client(src: Path, dest: Path, *, workers: int,
         cluster.close()
         os.environ.clear()
         os.environ.update(environ)
-    return {"wall_s": wall, "plan_s": plan_s, "cluster_start_s": start_s,
-            **sampler.report(wall),
-            "peak_rss_mb_workers_vmhwm": sorted(round(v, 1) for v in maxrss.values()),
-            "worker_env_MALLOC_TRIM_THRESHOLD_": trim}
+    return {
+        "wall_s": wall,
+        "plan_s": plan_s,
+        "cluster_start_s": start_s,
+        **sampler.report(wall),
+        "peak_rss_mb_workers_vmhwm": sorted(round(v, 1) for v in maxrss.values()),
+        "worker_env_MALLOC_TRIM_THRESHOLD_": trim,
+    }
 
 
 def convert_in_subprocess(src: Path, dest: Path, options: dict) -> dict[str, Any]:
@@ -367,8 +379,11 @@ def scan_dask(ds, names: Sequence[str]) -> float:
     parts = []
     for name in names:
         a = ds[name].data
-        parts.append(a.map_blocks(_block_nbytes, chunks=tuple((1,) * len(c) for c in a.chunks),
-                                  dtype="int64").sum())
+        parts.append(
+            a.map_blocks(
+                _block_nbytes, chunks=tuple((1,) * len(c) for c in a.chunks), dtype="int64"
+            ).sum()
+        )
     t = now()
     dask.compute(*parts, scheduler="threads")
     return now() - t
@@ -379,9 +394,11 @@ def ts_open(store: Path, names: Sequence[str], context=None) -> dict[str, Any]:
 
     ctx = context if context is not None else ts.Context()
     return {
-        name: ts.open({"driver": "zarr3",
-                       "kvstore": {"driver": "file", "path": str(store.resolve() / name)}},
-                      read=True, context=ctx).result()
+        name: ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store.resolve() / name)}},
+            read=True,
+            context=ctx,
+        ).result()
         for name in names
     }
 
@@ -395,7 +412,7 @@ def scan_tensorstore(arrays: dict[str, Any], step: int) -> float:
     n = next(iter(arrays.values())).shape[0]
     t = now()
     for lo in range(0, n, step):
-        futures = [a[lo:min(n, lo + step)].read() for a in arrays.values()]
+        futures = [a[lo : min(n, lo + step)].read() for a in arrays.values()]
         for f in futures:
             f.result()
     return now() - t
@@ -415,7 +432,7 @@ def scan_reader(reader, step: int) -> float:
     n = len(reader)
     t = now()
     for lo in range(0, n, step):
-        reader[lo:min(n, lo + step)]
+        reader[lo : min(n, lo + step)]
     return now() - t
 
 
@@ -435,10 +452,12 @@ def timed_calls(fn: Callable[[int], Any], indices: Sequence[int], warm: int) -> 
 
 
 def pct_ms(times: np.ndarray) -> dict[str, float]:
-    return {"p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
-            "p90_ms": round(float(np.percentile(times, 90)) * 1e3, 3),
-            "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3),
-            "n": int(times.size)}
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
+        "p90_ms": round(float(np.percentile(times, 90)) * 1e3, 3),
+        "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3),
+        "n": int(times.size),
+    }
 
 
 def random_tensorstore(arrays: dict[str, Any], indices, warm: int) -> dict[str, float]:
@@ -475,6 +494,7 @@ def random_tar(corpus: Path, indices, warm: int) -> dict[str, Any]:
     index_s = now() - t
     handles: dict[str, Any] = {}
     try:
+
         def one(i):
             path, offset, size = index[i]
             f = handles.get(path) or handles.setdefault(path, open(path, "rb", buffering=0))
@@ -503,18 +523,24 @@ def compressed_fraction(corpus: Path, workdir: Path, k: int) -> dict[str, Any]:
 
     url = str(tar_paths(corpus)[0])
     entries = source.index_shard(url)[:k]
-    samples = [(key, {n: np.array(a) for n, a in arrays.items()})
-               for key, arrays in source.read_samples(url, entries)]
+    samples = [
+        (key, {n: np.array(a) for n, a in arrays.items()})
+        for key, arrays in source.read_samples(url, entries)
+    ]
     sizes = {}
     for compressed in (False, True):
         path = workdir / f"subset-{'z' if compressed else 'raw'}.tar"
-        members = (m for key, arrays in samples
-                   for m in sample_members(key, arrays, compressed=compressed))
+        members = (
+            m for key, arrays in samples for m in sample_members(key, arrays, compressed=compressed)
+        )
         sizes[compressed] = write_tar(path, members)
         path.unlink()
-    return {"samples": len(samples), "tar_bytes": sizes[False],
-            "tar_compressed_bytes": sizes[True],
-            "fraction": sizes[True] / sizes[False]}
+    return {
+        "samples": len(samples),
+        "tar_bytes": sizes[False],
+        "tar_compressed_bytes": sizes[True],
+        "fraction": sizes[True] / sizes[False],
+    }
 
 
 # ---------------------------------------------------------------------------- 1 M metadata
@@ -547,15 +573,21 @@ def metadata_store_1m(path: Path, counts: Sequence[int], seed: int = 0) -> dict[
     member_bytes = schema.PER_SAMPLE_BYTES + 2_000
     for s, c in enumerate(counts):
         entries = tuple(
-            source.SampleEntry(k, (source.Member(f"{k}.npz", 512 + j * (member_bytes + 1024),
-                                                 member_bytes),))
-            for j, k in enumerate(keys[pos:pos + c])
+            source.SampleEntry(
+                k, (source.Member(f"{k}.npz", 512 + j * (member_bytes + 1024), member_bytes),)
+            )
+            for j, k in enumerate(keys[pos : pos + c])
         )
-        indexed.append(IndexedTar(TarShard(schema.shard_name(s), c * (member_bytes + 1024), c),
-                                  source.TarIndex.from_entries(entries)))
+        indexed.append(
+            IndexedTar(
+                TarShard(schema.shard_name(s), c * (member_bytes + 1024), c),
+                source.TarIndex.from_entries(entries),
+            )
+        )
         pos += c
-    plan = assemble_plan("fake://nasar-release", str(path), ConvertOptions(), keys,
-                         shard_of_row, indexed)
+    plan = assemble_plan(
+        "fake://nasar-release", str(path), ConvertOptions(), keys, shard_of_row, indexed
+    )
     timings["assemble_plan_s"] = now() - t
     if path.exists():
         shutil.rmtree(path)
@@ -563,8 +595,10 @@ def metadata_store_1m(path: Path, counts: Sequence[int], seed: int = 0) -> dict[
     layout.prepare_store(plan, table, overwrite=True)
     layout.finalize(plan)
     timings["write_skeleton_s"] = now() - t
-    return {k: round(v, 2) for k, v in timings.items()} | {"n_samples": plan.n_samples,
-                                                           "tasks": len(plan.tasks)}
+    return {k: round(v, 2) for k, v in timings.items()} | {
+        "n_samples": plan.n_samples,
+        "tasks": len(plan.tasks),
+    }
 
 
 def open_and_graph_1m(path: Path, repeats: int = 3) -> dict[str, Any]:
@@ -590,8 +624,10 @@ def open_and_graph_1m(path: Path, repeats: int = 3) -> dict[str, Any]:
     try:  # newer open_cube: chunks="large" for full-corpus reductions
         large = open_cube(str(path), chunks="large").mean()
         (large_opt,) = dask.optimize(large)
-        extra = {"tasks_mean_chunks_large": len(large.__dask_graph__()),
-                 "tasks_mean_chunks_large_optimized": len(large_opt.__dask_graph__())}
+        extra = {
+            "tasks_mean_chunks_large": len(large.__dask_graph__()),
+            "tasks_mean_chunks_large_optimized": len(large_opt.__dask_graph__()),
+        }
     except (TypeError, ValueError) as exc:
         extra = {"tasks_mean_chunks_large": None, "chunks_large_error": repr(exc)}
     return {
@@ -610,8 +646,9 @@ def open_and_graph_1m(path: Path, repeats: int = 3) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- profiles
 
 
-def profile_convert_task(src: Path, dest: Path, options: dict | None = None,
-                         tasks: int = 2) -> dict[str, Any]:
+def profile_convert_task(
+    src: Path, dest: Path, options: dict | None = None, tasks: int = 2
+) -> dict[str, Any]:
     """Wall-time and RSS breakdown of real ``run_task`` calls, in this process.
 
     The first ``tasks`` tasks run one after the other in a non-main thread, as
@@ -650,6 +687,7 @@ def profile_convert_task(src: Path, dest: Path, options: dict | None = None,
             finally:
                 acc[name] += now() - t
                 phases.append((name, t, now()))
+
         return wrapped
 
     def timed_iter(name, fn):
@@ -664,6 +702,7 @@ def profile_convert_task(src: Path, dest: Path, options: dict | None = None,
                     return
                 acc[name] += now() - t
                 yield item
+
         return wrapped
 
     def timed_setitem(orig):
@@ -674,11 +713,13 @@ def profile_convert_task(src: Path, dest: Path, options: dict | None = None,
             finally:
                 acc[f"zarr write {self.basename}"] += now() - t
                 phases.append((f"zarr write {self.basename}", t, now()))
+
         return wrapped
 
     def factory(name, fn):  # a function that returns the function to time
         def wrapped(*a, **k):
             return timer(name, fn(*a, **k))
+
         return wrapped
 
     targets = [
@@ -693,8 +734,7 @@ def profile_convert_task(src: Path, dest: Path, options: dict | None = None,
         (source, "nonfinite_counts", "nonfinite_counts", timer),
         (fl.LocalFileSystem, "cat_file", "read-back (cat_file)", timer),
     ]
-    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _, _ in targets
-             if hasattr(obj, attr)]
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _, _ in targets if hasattr(obj, attr)]
     saved.append((zarr.Array, "__setitem__", zarr.Array.__setitem__))
     targets = [t for t in targets if t[0] is not None]
     saved = [x for x in saved if x[0] is not None]
@@ -718,8 +758,13 @@ def profile_convert_task(src: Path, dest: Path, options: dict | None = None,
                 # in a non-main thread, like a dask worker's task (numcodecs' Blosc only
                 # uses its own threads when called from the main thread)
                 with ThreadPoolExecutor(1) as pool:
-                    pool.submit(execute.run_task, task, src=plan.source, dest=plan.dest,
-                                options=plan.options).result()
+                    pool.submit(
+                        execute.run_task,
+                        task,
+                        src=plan.source,
+                        dest=plan.dest,
+                        options=plan.options,
+                    ).result()
                 total = now() - t
             finally:
                 rss.stop()
@@ -732,8 +777,11 @@ def profile_convert_task(src: Path, dest: Path, options: dict | None = None,
             if isinstance(getattr(execute, name, None), dict):
                 getattr(execute, name).clear()
     first = results[0]
-    return {**first, "next_tasks": results[1:],
-            "buffer_mb_expected": round(first["samples"] * schema.PER_SAMPLE_BYTES / 2**20, 1)}
+    return {
+        **first,
+        "next_tasks": results[1:],
+        "buffer_mb_expected": round(first["samples"] * schema.PER_SAMPLE_BYTES / 2**20, 1),
+    }
 
 
 def _task_profile(n, total, ru0, ru1, acc, phases, rss) -> dict[str, Any]:
@@ -746,8 +794,9 @@ def _task_profile(n, total, ru0, ru1, acc, phases, rss) -> dict[str, Any]:
         inside = [v for tt, v in rss.points if t0 <= tt <= t1]
         if inside:
             by_phase[name] = max(by_phase.get(name, 0.0), (max(inside) - base) / 2**20)
-    first_write = min((t0 for name, t0, _ in phases if name.startswith(("zarr", "write"))),
-                      default=None)
+    first_write = min(
+        (t0 for name, t0, _ in phases if name.startswith(("zarr", "write"))), default=None
+    )
     before_writes = [v for tt, v in rss.points if first_write is None or tt <= first_write]
     return {
         "samples": n,
@@ -755,13 +804,15 @@ def _task_profile(n, total, ru0, ru1, acc, phases, rss) -> dict[str, Any]:
         "ms_per_sample": round(total / n * 1e3, 3),
         "process_cpu_over_wall": round(cpu / total, 2),
         "minor_page_faults": ru1.ru_minflt - ru0.ru_minflt,
-        "breakdown_ms_per_sample": {k: round(v / n * 1e3, 3)
-                                    for k, v in sorted(acc.items(), key=lambda kv: -kv[1])},
+        "breakdown_ms_per_sample": {
+            k: round(v / n * 1e3, 3) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])
+        },
         "rss_mb_before_task": round(base / 2**20, 1),
         "rss_mb_peak": round(max(v for _, v in rss.points) / 2**20, 1),
         "rss_mb_peak_over_before": round((max(v for _, v in rss.points) - base) / 2**20, 1),
-        "rss_mb_over_before_at_first_write": round((max(before_writes, default=base) - base)
-                                                   / 2**20, 1),
+        "rss_mb_over_before_at_first_write": round(
+            (max(before_writes, default=base) - base) / 2**20, 1
+        ),
         "rss_mb_peak_over_before_by_phase": {k: round(v, 1) for k, v in by_phase.items()},
     }
 
@@ -790,14 +841,22 @@ class RssTimeline(threading.Thread):
 
 def profile_normalized(ds, normalized, n: int) -> dict[str, Any]:
     """Samples/s of each normalized variable alone next to a raw read of its inputs."""
-    inputs = {"rtc": ["rtc", "rtc_present"], "dem": ["dem"], "dem_relief": ["dem"],
-              "slope": ["slope_deg"], "inc_angle": ["inc_angle"], "ifg": ["ifg"],
-              "coh": ["coh"]}
+    inputs = {
+        "rtc": ["rtc", "rtc_present"],
+        "dem": ["dem"],
+        "dem_relief": ["dem"],
+        "slope": ["slope_deg"],
+        "inc_angle": ["inc_angle"],
+        "ifg": ["ifg"],
+        "coh": ["coh"],
+    }
     out = {}
     for name in normalized.data_vars:
         raw = inputs.get(name, [name])
-        out[name] = {"normalized_sps": round(n / scan_dask(normalized, [name]), 1),
-                     "raw_inputs_sps": round(n / scan_dask(ds, raw), 1)}
+        out[name] = {
+            "normalized_sps": round(n / scan_dask(normalized, [name]), 1),
+            "raw_inputs_sps": round(n / scan_dask(ds, raw), 1),
+        }
     return out
 
 
@@ -814,9 +873,12 @@ def profile_read_shard(store: Path, shard: int) -> dict[str, Any]:
     t = now()
     ts_arr[:stop].read().result()
     ts_s = now() - t
-    return {"samples": stop, "zarr_python_ms_per_sample": round(zarr_s / stop * 1e3, 3),
-            "tensorstore_ms_per_sample": round(ts_s / stop * 1e3, 3),
-            "inner_chunks_per_shard": stop // max(1, arr.chunks[0])}
+    return {
+        "samples": stop,
+        "zarr_python_ms_per_sample": round(zarr_s / stop * 1e3, 3),
+        "tensorstore_ms_per_sample": round(ts_s / stop * 1e3, 3),
+        "inner_chunks_per_shard": stop // max(1, arr.chunks[0]),
+    }
 
 
 # ---------------------------------------------------------------------------- what-ifs
@@ -835,8 +897,9 @@ def convert_with_client_env(src: Path, dest: Path, *, workers: int, environ: dic
 
     saved = {k: os.environ.pop(k) for k in environ if k in os.environ}
     try:
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v
-                              for k, v in environ.items()}):
+        with dask.config.set(
+            {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}
+        ):
             return convert_with_client(src, dest, workers=workers)
     finally:
         os.environ.update(saved)
@@ -860,14 +923,22 @@ def cube_over_tensorstore(ds, store: Path):
     import dask.array as da
 
     arrays = ts_open(store, list(ds.data_vars))
-    return ds.assign({
-        name: (ds[name].dims,
-               da.from_array(TSArray(arrays[name]), chunks=ds[name].data.chunks, asarray=False,
-                             lock=False, meta=np.empty((0,) * ds[name].ndim,
-                                                       dtype=ds[name].dtype)),
-               ds[name].attrs)
-        for name in ds.data_vars
-    })
+    return ds.assign(
+        {
+            name: (
+                ds[name].dims,
+                da.from_array(
+                    TSArray(arrays[name]),
+                    chunks=ds[name].data.chunks,
+                    asarray=False,
+                    lock=False,
+                    meta=np.empty((0,) * ds[name].ndim, dtype=ds[name].dtype),
+                ),
+                ds[name].attrs,
+            )
+            for name in ds.data_vars
+        }
+    )
 
 
 def _rtc_block(x, low, high, gain):
@@ -910,11 +981,13 @@ def normalized_fused(ds):
     shape[pol_axis] = 2
     bounds = np.array([normalize.RTC_RANGES[str(p)] for p in ds["pol"].values], np.float32)
     low, high = bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape)
-    rtc = ds["rtc"].data.map_blocks(_rtc_block, low, high, np.float32(normalize.RTC_GAIN),
-                                    dtype=np.float32)
+    rtc = ds["rtc"].data.map_blocks(
+        _rtc_block, low, high, np.float32(normalize.RTC_GAIN), dtype=np.float32
+    )
     out["rtc"] = out["rtc"].copy(data=rtc)
-    relief = ds["dem"].data.map_blocks(_relief_block, normalize.RELIEF_PERCENTILES,
-                                       dtype=np.float32)
+    relief = ds["dem"].data.map_blocks(
+        _relief_block, normalize.RELIEF_PERCENTILES, dtype=np.float32
+    )
     out["dem_relief"] = out["dem_relief"].copy(data=relief)
     return xr.Dataset(out, coords=ds.coords, attrs=ds.attrs)
 
@@ -949,8 +1022,7 @@ def graph_alternatives_1m(path: Path) -> dict[str, Any]:
         out["one shard per chunk, split_every={0: 32}"] = count(ds.mean())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        raw = xr.open_zarr(nstore.zarr_store(str(path), read_only=True), chunks=None,
-                           zarr_format=3)
+        raw = xr.open_zarr(nstore.zarr_store(str(path), read_only=True), chunks=None, zarr_format=3)
     shard = nstore.read_provenance(ds.attrs)["layout"]["shard"]
     for target_mb in (256, 512):
         sizes = {}
@@ -958,11 +1030,17 @@ def graph_alternatives_1m(path: Path) -> dict[str, Any]:
             per_sample = var.dtype.itemsize * int(np.prod(var.shape[1:]))
             k = max(shard, (target_mb * 2**20 // per_sample) // shard * shard)
             sizes[name] = int(min(k, var.shape[0]))
-        alt = raw.assign({name: var.variable.chunk({"sample": sizes[name]})
-                          for name, var in raw.data_vars.items()})
+        alt = raw.assign(
+            {
+                name: var.variable.chunk({"sample": sizes[name]})
+                for name, var in raw.data_vars.items()
+            }
+        )
         with dask.config.set(split_every={0: 32}):
             out[f"per-variable chunks of ~{target_mb} MB (whole shards), split_every={{0: 32}}"] = {
-                **count(alt.mean()), "samples_per_chunk": sizes}
+                **count(alt.mean()),
+                "samples_per_chunk": sizes,
+            }
     return out
 
 
@@ -984,8 +1062,9 @@ def release_loader_item(sample: dict[str, Any]) -> dict[str, Any]:
         for t in ("prime", "secondary"):
             x = arrays[f"{t}_rtc_view_{view}"]
             present = x.any(axis=(1, 2))[:, None, None]
-            out[f"{t}_rtc_view_{view}"] = nn.rtc_kernel(x, present, low, high,
-                                                        gain=np.float32(nn.RTC_GAIN))
+            out[f"{t}_rtc_view_{view}"] = nn.rtc_kernel(
+                x, present, low, high, gain=np.float32(nn.RTC_GAIN)
+            )
         for name in ("inc_angle", "ifg", "coh"):
             out[f"{name}_view_{view}"] = arrays[f"{name}_view_{view}"]
     dem, slope = arrays["dem"], arrays["slope_deg"]
@@ -1006,12 +1085,20 @@ def release_wds_dataset(urls: Sequence[Path]):
     """WebDataset over the tars in streaming order, one tar per worker at a time."""
     import webdataset as wds
 
-    return wds.WebDataset([str(u) for u in urls], shardshuffle=False,
-                          empty_check=False).map(release_loader_item)
+    return wds.WebDataset([str(u) for u in urls], shardshuffle=False, empty_check=False).map(
+        release_loader_item
+    )
 
 
-def torch_loaders(corpus: Path, store: Path, *, batch_size: int = 64, num_workers: int = 2,
-                  epochs: int = 3, seed: int = 0) -> dict[str, Any]:
+def torch_loaders(
+    corpus: Path,
+    store: Path,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    epochs: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Samples/s of PyTorch DataLoaders (``batch_size``, ``num_workers``) over one corpus.
 
     - ``loader_sps``: ``nasar_zarr.torch.InSARDataset`` with ``ShardAwareSampler``.
@@ -1036,13 +1123,16 @@ def torch_loaders(corpus: Path, store: Path, *, batch_size: int = 64, num_worker
     loaders = {
         "loader": dataloader(ds, sampler=sampler, **common),
         "loader_random": dataloader(
-            ds, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(seed)),
-            **common),
+            ds, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(seed)), **common
+        ),
     }
     context = loaders["loader"].multiprocessing_context
-    loaders["wds_loader"] = DataLoader(release_wds_dataset(tar_paths(corpus)),
-                                       multiprocessing_context=context,
-                                       persistent_workers=True, **common)
+    loaders["wds_loader"] = DataLoader(
+        release_wds_dataset(tar_paths(corpus)),
+        multiprocessing_context=context,
+        persistent_workers=True,
+        **common,
+    )
     best: dict[str, float] = {}
     startup: dict[str, float] = {}
     for epoch in range(epochs + 1):
@@ -1062,14 +1152,21 @@ def torch_loaders(corpus: Path, store: Path, *, batch_size: int = 64, num_worker
     out["loader_random_over_wds_loader"] = round(best["wds_loader"] / best["loader_random"], 3)
     out["loader_first_epoch_s"] = startup
     out["loader_cpu_ms_per_sample"] = loader_cpu_profile(ds, corpus, batch_size=batch_size)
-    out["loader_setup"] = {"samples": n, "batch_size": batch_size, "num_workers": num_workers,
-                           "timed_epochs": epochs, "start_method": context.get_start_method(),
-                           "inner_chunk": ds.inner_chunk, "shard": ds.shard_size}
+    out["loader_setup"] = {
+        "samples": n,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "timed_epochs": epochs,
+        "start_method": context.get_start_method(),
+        "inner_chunk": ds.inner_chunk,
+        "shard": ds.shard_size,
+    }
     return out
 
 
-def loader_cpu_profile(ds, corpus: Path, *, batch_size: int = 64, batches: int = 3
-                       ) -> dict[str, float]:
+def loader_cpu_profile(
+    ds, corpus: Path, *, batch_size: int = 64, batches: int = 3
+) -> dict[str, float]:
     """Where a sample's time goes, in one process (ms per sample, best of 3 passes).
 
     ``cube_read`` (``CubeReader.read_runs`` of shard-aware batches) and ``cube_item``
@@ -1081,9 +1178,10 @@ def loader_cpu_profile(ds, corpus: Path, *, batch_size: int = 64, batches: int =
 
     from nasar_zarr.torch import _plan_reads, shard_aware_order
 
-    order = shard_aware_order(ds.sample_indices, shard=ds.shard_size,
-                              inner_chunk=ds.inner_chunk, seed=1, epoch=0)
-    picks = [order[i * batch_size:(i + 1) * batch_size] for i in range(batches)]
+    order = shard_aware_order(
+        ds.sample_indices, shard=ds.shard_size, inner_chunk=ds.inner_chunk, seed=1, epoch=0
+    )
+    picks = [order[i * batch_size : (i + 1) * batch_size] for i in range(batches)]
     n = sum(len(p) for p in picks)
     plans = [_plan_reads(ds.sample_indices[p], ds.inner_chunk)[0] for p in picks]
 
@@ -1096,8 +1194,9 @@ def loader_cpu_profile(ds, corpus: Path, *, batch_size: int = 64, batches: int =
         return round(min(times) * 1e3 / n, 3)
 
     def wds_samples():
-        stream = wds.WebDataset([str(u) for u in tar_paths(corpus)], shardshuffle=False,
-                                empty_check=False)
+        stream = wds.WebDataset(
+            [str(u) for u in tar_paths(corpus)], shardshuffle=False, empty_check=False
+        )
         return (s for s, _ in zip(stream, range(n), strict=False))
 
     return {
@@ -1192,8 +1291,9 @@ def tasks_full_reduction(path: Path) -> int:
     return len(open_cube(str(path)).mean().__dask_graph__())
 
 
-def analysis_figures(corpus: Path, store: Path, *, repeats: int = 2,
-                     path_1m: Path | None = None) -> dict[str, Any]:
+def analysis_figures(
+    corpus: Path, store: Path, *, repeats: int = 2, path_1m: Path | None = None
+) -> dict[str, Any]:
     """The analysis read figures, each pass interleaved with a two-process wds pass.
 
     Keys: ``analysis_scan_sps``, ``wds2_pass_sps``, ``analysis_scan_over_wds2``,
@@ -1228,9 +1328,11 @@ def analysis_figures(corpus: Path, store: Path, *, repeats: int = 2,
         "histogram_cpu_ms_per_sample": round(min(c for _, c in hists) / n * 1e3, 3),
         "histogram_over_wds2": round(hist_sps / wds2_sps, 3),
         "normalized_over_raw_cpu": round(
-            min(d["normalized_cpu_s"] / d["raw_cpu_s"] for d in norms), 3),
-        "normalized_over_raw_cpu_each": [round(d["normalized_cpu_s"] / d["raw_cpu_s"], 3)
-                                         for d in norms],
+            min(d["normalized_cpu_s"] / d["raw_cpu_s"] for d in norms), 3
+        ),
+        "normalized_over_raw_cpu_each": [
+            round(d["normalized_cpu_s"] / d["raw_cpu_s"], 3) for d in norms
+        ],
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     if path_1m is not None:

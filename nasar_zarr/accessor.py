@@ -105,8 +105,11 @@ def select(
             raise ValueError(f"bbox has lat_min {lat_min} > lat_max {lat_max}: {bbox!r}")
         lon = _role_values(ds, "lon", "center_lon", "bbox")
         lat = _role_values(ds, "lat", "center_lat", "bbox")
-        in_lon = ((lon >= lon_min) & (lon <= lon_max) if lon_min <= lon_max
-                  else (lon >= lon_min) | (lon <= lon_max))
+        in_lon = (
+            (lon >= lon_min) & (lon <= lon_max)
+            if lon_min <= lon_max
+            else (lon >= lon_min) | (lon <= lon_max)
+        )
         keep &= in_lon & (lat >= lat_min) & (lat <= lat_max)
     if time is not None:
         try:
@@ -175,8 +178,12 @@ class NasarAccessor:
         >>> norm.rtc.isel(sample=0).compute()                  # doctest: +SKIP
         """
         return normalize.normalized(
-            self._ds, rtc_gain=rtc_gain, rtc_ranges=rtc_ranges, dem_range=dem_range,
-            relief_percentiles=relief_percentiles, slope_range=slope_range,
+            self._ds,
+            rtc_gain=rtc_gain,
+            rtc_ranges=rtc_ranges,
+            dem_range=dem_range,
+            relief_percentiles=relief_percentiles,
+            slope_range=slope_range,
         )
 
     def rtc_normalized(self, **options: Any) -> xr.DataArray:
@@ -377,8 +384,14 @@ class NasarAccessor:
         --------
         >>> good = ds.nasar.select(min_quality=0.7, require_cross_pol=True)  # doctest: +SKIP
         """
-        return select(self._ds, min_quality=min_quality, require_cross_pol=require_cross_pol,
-                      bbox=bbox, time=time, written_only=written_only)
+        return select(
+            self._ds,
+            min_quality=min_quality,
+            require_cross_pol=require_cross_pol,
+            bbox=bbox,
+            time=time,
+            written_only=written_only,
+        )
 
     def metadata(self) -> pd.DataFrame:
         """The original ``metadata.parquet`` table, rebuilt from the coordinates.
@@ -430,8 +443,9 @@ class NasarAccessor:
         --------
         >>> ds.nasar.histogram(bins=200).compute()  # doctest: +SKIP
         """
-        return stats.histogram(self._ds, var, bins=bins, range=range, transform=transform,
-                               **options)
+        return stats.histogram(
+            self._ds, var, bins=bins, range=range, transform=transform, **options
+        )
 
     def quantiles(
         self,

@@ -15,8 +15,8 @@ from typing import Any
 import xarray as xr
 
 from . import corpus, layout, schema, source
-from .columns import recognise
 from .append import append_plan
+from .columns import recognise
 from .errors import NotACubeError
 from .execute import execute
 from .plan import Codec, ConversionPlan, ConvertOptions, OnError, assemble_plan
@@ -103,8 +103,7 @@ def plan_conversion(
     keys = table.column(schema.KEY_COLUMN).to_pylist()
     shard_of_row = table.column(schema.SHARD_PATH_COLUMN)
     tar_paths = sorted(
-        set(corpus.list_tar_shards(src, storage_options))
-        | set(shard_of_row.unique().to_pylist())
+        set(corpus.list_tar_shards(src, storage_options)) | set(shard_of_row.unique().to_pylist())
     )
     indexed = corpus.index_tars(
         src,
@@ -176,8 +175,9 @@ def append(
             f"{dest}: the cube's conversion never finished its skeleton; run"
             " `nasar-zarr convert` again first"
         )
-    plan = plan_conversion(src, dest, on_error=on_error, storage_options=so, client=client,
-                           **recorded["layout"])
+    plan = plan_conversion(
+        src, dest, on_error=on_error, storage_options=so, client=client, **recorded["layout"]
+    )
     return append_plan(plan, recorded, client=client, workers=workers, progress=progress)
 
 
@@ -219,8 +219,9 @@ def verify(
     recorded = layout.require_cube(dest, so)
     plan = None
     if src is not None:
-        plan = plan_conversion(src, dest, on_error="skip", storage_options=so, client=client,
-                               **recorded["layout"])
+        plan = plan_conversion(
+            src, dest, on_error="skip", storage_options=so, client=client, **recorded["layout"]
+        )
     return verify_store(
         dest,
         recorded,

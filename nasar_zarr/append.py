@@ -52,7 +52,9 @@ def append_plan(
     with store_lock(dest, so) as token:
         if n_new != n_old or resuming:
             start = intent["from"] if resuming else n_old
-            store.write_json(dest, store.APPEND_FILE, {"from": start, "to": n_new, "source": src}, so)
+            store.write_json(
+                dest, store.APPEND_FILE, {"from": start, "to": n_new, "source": src}, so
+            )
             _extend_store(plan, table, n_old=start)
         done = layout.prepare_store(plan, table, overwrite=False)
         run_tasks(
@@ -109,8 +111,11 @@ def _extend_store(plan: ConversionPlan, table: pa.Table, *, n_old: int) -> None:
     fault_point("after-resize")
     ds, encoding = layout.skeleton(plan, table)
     coordinates = [
-        (schema.SAMPLE_DIM, xr.Variable(*layout.sample_coordinate(plan)),
-         encoding[schema.SAMPLE_DIM]),
+        (
+            schema.SAMPLE_DIM,
+            xr.Variable(*layout.sample_coordinate(plan)),
+            encoding[schema.SAMPLE_DIM],
+        ),
         *layout.metadata_coordinates(plan, table),
     ]
     for name, _, _ in coordinates:

@@ -64,8 +64,13 @@ class NasarZarrSource(ZarrSource):
 
     get = __call__
 
-    def __init__(self, urlpath: str, storage_options: Mapping[str, Any] | None = None,
-                 metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        urlpath: str,
+        storage_options: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(urlpath, storage_options=storage_options, metadata=metadata, **kwargs)
         self._nasar_args = (urlpath, dict(storage_options or {}), dict(kwargs))
 
@@ -108,9 +113,13 @@ class NasarMetadataSource(DataSource):
     version = "0.1.0"
     partition_access = False
 
-    def __init__(self, urlpath: str, parquet_url: str | None = None,
-                 storage_options: Mapping[str, Any] | None = None,
-                 metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        urlpath: str,
+        parquet_url: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(storage_options=dict(storage_options or {}), metadata=metadata)
         self.url = urlpath
         self.metadata_url = parquet_url or None
@@ -119,8 +128,9 @@ class NasarMetadataSource(DataSource):
     def _read_table(self) -> pd.DataFrame:
         if self._table is None:
             if self.metadata_url:
-                table = pd.read_parquet(self.metadata_url,
-                                        storage_options=self.storage_options or None)
+                table = pd.read_parquet(
+                    self.metadata_url, storage_options=self.storage_options or None
+                )
                 order = [schema.SHARD_INDEX_COLUMN, schema.INDEX_IN_SHARD_COLUMN]
                 table = table.sort_values(order, kind="stable").reset_index(drop=True)
             else:
@@ -133,8 +143,12 @@ class NasarMetadataSource(DataSource):
 
     def _get_schema(self) -> Schema:
         table = self._read_table()
-        return Schema(dtype={c: str(t) for c, t in table.dtypes.items()},
-                      shape=table.shape, npartitions=1, extra_metadata={})
+        return Schema(
+            dtype={c: str(t) for c, t in table.dtypes.items()},
+            shape=table.shape,
+            npartitions=1,
+            extra_metadata={},
+        )
 
     def _get_partition(self, i: int) -> pd.DataFrame:
         return self._read_table()
@@ -186,16 +200,23 @@ def store_shard_size(store_url: str, *, storage_options: Mapping[str, Any] | Non
     arr = group.get("rtc")
     if isinstance(arr, zarr.Array):
         return int((arr.shards or arr.chunks)[0])
-    raise StoreError(f"{store_url}: no {PROVENANCE_ATTR!r} layout attributes and no 'rtc' array;"
-                     " is this a nasar-zarr cube?")
+    raise StoreError(
+        f"{store_url}: no {PROVENANCE_ATTR!r} layout attributes and no 'rtc' array;"
+        " is this a nasar-zarr cube?"
+    )
 
 
 def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def catalog_spec(store_url: str, *, shard: int | None = None, metadata_url: str | None = None,
-                 description: str | None = None) -> dict[str, Any]:
+def catalog_spec(
+    store_url: str,
+    *,
+    shard: int | None = None,
+    metadata_url: str | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
     """The catalog as a dict (what :func:`write_catalog` dumps to YAML).
 
     ``url`` (and ``metadata_url``) are template variables, not declared intake
@@ -229,14 +250,14 @@ def catalog_spec(store_url: str, *, shard: int | None = None, metadata_url: str 
         "sources": {
             "nasar": {
                 "description": "The NA-SAR cube, lazy, dask chunks of whole Zarr shards"
-                               f"{chunks} along sample, every variable alike. Pass"
-                               " url=... for another cube.",
+                f"{chunks} along sample, every variable alike. Pass"
+                " url=... for another cube.",
                 "driver": ["nasar_zarr.catalog.NasarZarrSource", "zarr"],
                 "args": {"urlpath": url},
             },
             "nasar_metadata": {
                 "description": "The metadata table (one row per sample, release order),"
-                               " rebuilt from the cube or read from metadata_url=... .",
+                " rebuilt from the cube or read from metadata_url=... .",
                 "driver": "nasar_zarr.catalog.NasarMetadataSource",
                 "args": {"urlpath": url, "parquet_url": parquet},
             },
@@ -279,6 +300,8 @@ def write_catalog(
     spec = catalog_spec(store_url, shard=shard, metadata_url=metadata_url)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# Written by nasar_zarr.write_catalog; open with intake.open_catalog().\n"
-                   + yaml.safe_dump(spec, sort_keys=False))
+    out.write_text(
+        "# Written by nasar_zarr.write_catalog; open with intake.open_catalog().\n"
+        + yaml.safe_dump(spec, sort_keys=False)
+    )
     return out

@@ -405,7 +405,6 @@ def cf_attrs(column: str, values: np.ndarray, roles: ColumnRoles) -> dict[str, s
     return {"long_name": long_name, ROLE_ATTR: role, **cf}
 
 
-
 def dataset_roles(ds: xr.Dataset) -> ColumnRoles:
     """The metadata roles of a cube: as recorded at conversion, else recognised.
 
@@ -455,6 +454,7 @@ def role_coordinate(ds: xr.Dataset, role: str, default: str | None = None) -> st
         if coord.attrs.get("nasar_column") == column:
             return str(name)
     return column if column in ds.coords else None
+
 
 __all__ = [
     "ROLES",

@@ -66,9 +66,10 @@ def read_metadata(
             raise MetadataError(f"{url}: column {col!r} has missing values")
     shard_index = table.column(schema.SHARD_INDEX_COLUMN).to_numpy()
     in_shard = table.column(schema.INDEX_IN_SHARD_COLUMN).to_numpy()
-    if np.all((shard_index[1:] > shard_index[:-1]) | (
-        (shard_index[1:] == shard_index[:-1]) & (in_shard[1:] >= in_shard[:-1])
-    )):
+    if np.all(
+        (shard_index[1:] > shard_index[:-1])
+        | ((shard_index[1:] == shard_index[:-1]) & (in_shard[1:] >= in_shard[:-1]))
+    ):
         return table  # already in release order: no copy
     order = pc.sort_indices(
         table,
@@ -123,7 +124,11 @@ def fingerprint(
     fs, root = fsspec.core.url_to_fs(source.join(src, path), **dict(storage_options or {}))
     info = fs.info(root)
     mtime = next(
-        (info[k] for k in ("mtime", "LastModified", "last_modified", "Last-Modified") if info.get(k)),
+        (
+            info[k]
+            for k in ("mtime", "LastModified", "last_modified", "Last-Modified")
+            if info.get(k)
+        ),
         None,
     )
     etag = next((info[k] for k in ("ETag", "etag") if info.get(k)), None)
@@ -204,7 +209,9 @@ def index_tars(
                     found[path] = tar
     todo = [p for p in paths if p not in found]
     kwargs: dict[str, Any] = {
-        "on_error": on_error, "max_member_bytes": max_member_bytes, "storage_options": so
+        "on_error": on_error,
+        "max_member_bytes": max_member_bytes,
+        "storage_options": so,
     }
     if client is not None and todo:
         from .runner import run_calls
@@ -265,16 +272,25 @@ def saved_indexes(dest: str, storage_options: Mapping[str, Any] | None = None) -
 
 
 def save_index(
-    dest: str, tar: TarShard, index: source.TarIndex,
+    dest: str,
+    tar: TarShard,
+    index: source.TarIndex,
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Save one tar's index in the cube (an Arrow IPC file keyed by the tar's fingerprint)."""
     from . import store
 
-    table = index.to_table().replace_schema_metadata({
-        "nasar_zarr": json.dumps({"format": _INDEX_FORMAT, "tar": vars(tar),
-                                  "max_size": int(index.size.max(initial=0))}),
-    })
+    table = index.to_table().replace_schema_metadata(
+        {
+            "nasar_zarr": json.dumps(
+                {
+                    "format": _INDEX_FORMAT,
+                    "tar": vars(tar),
+                    "max_size": int(index.size.max(initial=0)),
+                }
+            ),
+        }
+    )
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -286,7 +302,10 @@ def save_index(
 
 
 def load_index(
-    dest: str, path: str, now: TarShard, max_member_bytes: int,
+    dest: str,
+    path: str,
+    now: TarShard,
+    max_member_bytes: int,
     storage_options: Mapping[str, Any] | None = None,
 ) -> IndexedTar | None:
     """The saved index of tar ``path`` if it is still valid for the tar as it is ``now``."""
@@ -321,8 +340,11 @@ def save_indexes(
     """Save the indexes the cube does not hold yet (tars in ``skip`` are left out);
     returns how many were written."""
     have = saved_indexes(dest, storage_options)
-    todo = [(t, i) for t, i in zip(tars, indexes, strict=True)
-            if t.path not in have and t.path not in skip and t.size and (t.mtime or t.etag)]
+    todo = [
+        (t, i)
+        for t, i in zip(tars, indexes, strict=True)
+        if t.path not in have and t.path not in skip and t.size and (t.mtime or t.etag)
+    ]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda ti: save_index(dest, ti[0], ti[1], storage_options), todo))
     return len(todo)

@@ -9,8 +9,8 @@ import numpy as np
 import xarray as xr
 
 from . import schema, store
-from .layout import require_cube
 from .cube import open_cube, provenance
+from .layout import require_cube
 
 
 def status_counts(ds: xr.Dataset) -> dict[str, int]:
@@ -38,8 +38,9 @@ def describe(url: str, *, storage_options: Mapping[str, Any] | None = None) -> d
             "inner_chunks": list(arr.chunks),
             "shards": list(arr.shards) if arr.shards else None,
             "codecs": [type(c).__name__ for c in arr.compressors],
-            "stored_bytes": int(sum(v for k, v in sizes.items()
-                                    if k[len(root) + 1 :].startswith(f"{name}/"))),
+            "stored_bytes": int(
+                sum(v for k, v in sizes.items() if k[len(root) + 1 :].startswith(f"{name}/"))
+            ),
         }
     internal = f"{root}/{store.INTERNAL_PREFIX}/"
     return {
@@ -50,8 +51,7 @@ def describe(url: str, *, storage_options: Mapping[str, Any] | None = None) -> d
         "stored_bytes": int(sum(sizes.values())),
         "objects": sum(1 for k in sizes if not k.startswith(internal)),
         "status": status_counts(ds),
-        "provenance": {k: v for k, v in provenance(ds).items()
-                       if k != "metadata_schema"},
+        "provenance": {k: v for k, v in provenance(ds).items() if k != "metadata_schema"},
         "history": ds.attrs.get("history"),
     }
 

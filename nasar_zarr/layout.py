@@ -126,9 +126,12 @@ def metadata_coordinates(
         values, attrs = meta.encode_table(table.select([name]), roles=roles)[name]
         enc: dict[str, Any] = {"chunks": (max(n, 1),)}
         if attrs[meta.ENCODING_ATTR] == "timestamp":
-            unit = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}[
-                np.datetime_data(values.dtype)[0]
-            ]
+            unit = {
+                "s": "seconds",
+                "ms": "milliseconds",
+                "us": "microseconds",
+                "ns": "nanoseconds",
+            }[np.datetime_data(values.dtype)[0]]
             enc.update(units=f"{unit} since 1970-01-01", dtype="int64")
         elif values.dtype.kind == "f":
             enc["_FillValue"] = np.nan
@@ -292,9 +295,7 @@ def _check_writable(dest: str) -> None:
     try:  # os.access says yes to root even on read-only filesystems: try it for real
         os.rmdir(tempfile.mkdtemp(prefix=".nasar-zarr-probe-", dir=probe))
     except OSError as exc:
-        raise PermissionError(
-            f"{dest}: cannot write in {probe} ({exc.strerror or exc})"
-        ) from None
+        raise PermissionError(f"{dest}: cannot write in {probe} ({exc.strerror or exc})") from None
 
 
 # ---------------------------------------------------------------------------- writing
@@ -343,8 +344,11 @@ def save_indexes(plan: ConversionPlan) -> int:
     from . import corpus
 
     return corpus.save_indexes(
-        plan.dest, plan.tar_shards, plan.index.tars,
-        skip={r.shard for r in plan.rejected}, storage_options=plan.storage_options,
+        plan.dest,
+        plan.tar_shards,
+        plan.index.tars,
+        skip={r.shard for r in plan.rejected},
+        storage_options=plan.storage_options,
     )
 
 
@@ -370,17 +374,20 @@ def finalize(plan: ConversionPlan) -> None:
     def add(rows: list[dict]) -> None:
         if not rows:
             return
-        tables.append(pa.table({
-            "shard": pa.array([r["shard"] for r in rows], pa.string()),
-            "key": pa.array([r["key"] for r in rows], pa.string()),
-            "reason": pa.array([r["reason"] for r in rows], pa.string()),
-            "row": pa.array([r["row"] for r in rows], pa.int64()),
-        }))
+        tables.append(
+            pa.table(
+                {
+                    "shard": pa.array([r["shard"] for r in rows], pa.string()),
+                    "key": pa.array([r["key"] for r in rows], pa.string()),
+                    "reason": pa.array([r["reason"] for r in rows], pa.string()),
+                    "row": pa.array([r["row"] for r in rows], pa.int64()),
+                }
+            )
+        )
         by_reason.update(reason_kind(r["reason"]) for r in rows)
         examples.extend(rows[: max(0, REPORT_EXAMPLES - len(examples))])
 
-    add([{"shard": r.shard, "key": r.key, "reason": r.reason, "row": r.row}
-         for r in plan.rejected])
+    add([{"shard": r.shard, "key": r.key, "reason": r.reason, "row": r.row} for r in plan.rejected])
     for path in store.list_json(plan.dest, store.TASKS_DIR, so):
         record = store.read_json(plan.dest, path, so)
         add(record["rejections"])
@@ -396,14 +403,19 @@ def finalize(plan: ConversionPlan) -> None:
         fs.pipe_file(f"{root}/{store.REJECTIONS_PARQUET}", sink.getvalue().to_pybytes())
     else:
         store.remove(plan.dest, store.REJECTIONS_PARQUET, so)
-    store.write_json(plan.dest, store.REJECTIONS_FILE, {
-        "rejected": examples,
-        "nonfinite": nonfinite,
-        "counts": {"rejected": n_rejected, "nonfinite": n_nonfinite},
-        "by_reason": dict(by_reason.most_common()),
-        "complete": n_rejected <= REPORT_EXAMPLES and n_nonfinite <= REPORT_EXAMPLES,
-        "all_rejected": store.REJECTIONS_PARQUET if tables else None,
-    }, so)
+    store.write_json(
+        plan.dest,
+        store.REJECTIONS_FILE,
+        {
+            "rejected": examples,
+            "nonfinite": nonfinite,
+            "counts": {"rejected": n_rejected, "nonfinite": n_nonfinite},
+            "by_reason": dict(by_reason.most_common()),
+            "complete": n_rejected <= REPORT_EXAMPLES and n_nonfinite <= REPORT_EXAMPLES,
+            "all_rejected": store.REJECTIONS_PARQUET if tables else None,
+        },
+        so,
+    )
     fault_point("before-consolidate")
     store.consolidate(plan.dest, so)
 

@@ -126,12 +126,19 @@ def rtc_normalized(
     # One fused in-place kernel per chunk: the chain of xarray ops made ~5 full-size
     # temporaries per chunk and ran at ~0.6x a raw read.
     out = xr.apply_ufunc(
-        rtc_kernel, rtc, rtc_present.astype(bool), low, high,
+        rtc_kernel,
+        rtc,
+        rtc_present.astype(bool),
+        low,
+        high,
         kwargs={"gain": _F32.type(rtc_gain)},
-        dask="parallelized", output_dtypes=[_F32], keep_attrs=False,
+        dask="parallelized",
+        output_dtypes=[_F32],
+        keep_attrs=False,
     ).transpose(*rtc.dims)
-    ranges_text = ", ".join(f"{p}: ({lo:g}, {hi:g})" for p, (lo, hi) in zip(pols, bounds,
-                                                                          strict=True))
+    ranges_text = ", ".join(
+        f"{p}: ({lo:g}, {hi:g})" for p, (lo, hi) in zip(pols, bounds, strict=True)
+    )
     out.attrs = _attrs(
         "normalized RTC backscatter",
         f"clip_and_rescale(log1p({rtc_gain:g} * rtc), p1, p99) per polarization ({ranges_text});"
@@ -141,8 +148,15 @@ def rtc_normalized(
     return out
 
 
-def rtc_kernel(x: np.ndarray, present: np.ndarray, low: np.ndarray, high: np.ndarray, *,
-               gain: np.float32, out: np.ndarray | None = None) -> np.ndarray:
+def rtc_kernel(
+    x: np.ndarray,
+    present: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    *,
+    gain: np.float32,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """numpy core of :func:`rtc_normalized`: one output buffer, updated in place.
 
     ``present``, ``low`` and ``high`` broadcast against ``x``. A channel that is
@@ -180,8 +194,15 @@ def dem_normalized(dem: xr.DataArray, *, dem_range: Sequence[float] = DEM_RANGE)
     xarray.DataArray
         float32 in [0, 1], same dims and coordinates.
     """
-    return _rescaled(dem, "dem", dem_range, source="dem", unit="m",
-                     long_name="normalized elevation", loader_key="dem_view_0/1")
+    return _rescaled(
+        dem,
+        "dem",
+        dem_range,
+        source="dem",
+        unit="m",
+        long_name="normalized elevation",
+        loader_key="dem_view_0/1",
+    )
 
 
 def slope_normalized(
@@ -204,12 +225,27 @@ def slope_normalized(
     xarray.DataArray
         float32 in [0, 1], same dims and coordinates.
     """
-    return _rescaled(slope_deg, "slope", slope_range, source="slope_deg", unit="deg",
-                     long_name="normalized terrain slope", loader_key="slope_view_0/1")
+    return _rescaled(
+        slope_deg,
+        "slope",
+        slope_range,
+        source="slope_deg",
+        unit="deg",
+        long_name="normalized terrain slope",
+        loader_key="slope_view_0/1",
+    )
 
 
-def _rescaled(values: xr.DataArray, name: str, bounds: Sequence[float], *, source: str,
-              unit: str, long_name: str, loader_key: str) -> xr.DataArray:
+def _rescaled(
+    values: xr.DataArray,
+    name: str,
+    bounds: Sequence[float],
+    *,
+    source: str,
+    unit: str,
+    long_name: str,
+    loader_key: str,
+) -> xr.DataArray:
     """``clip_and_rescale`` to a fixed range, float32, with CF attributes."""
     lo, hi = _check_range(f"{name}_range", bounds)
     out = clip_and_rescale(values, _F32.type(lo), _F32.type(hi)).astype(_F32, copy=False)
@@ -221,8 +257,9 @@ def _rescaled(values: xr.DataArray, name: str, bounds: Sequence[float], *, sourc
     return out
 
 
-def relief_kernel(dem: np.ndarray, *, percentiles: Sequence[float] = RELIEF_PERCENTILES
-                  ) -> np.ndarray:
+def relief_kernel(
+    dem: np.ndarray, *, percentiles: Sequence[float] = RELIEF_PERCENTILES
+) -> np.ndarray:
     """Patch-local relief of numpy patches ``(..., y, x)``: clip to own p5/p95, rescale.
 
     The percentiles are ``np.nanpercentile`` over the last two axes with numpy's

@@ -54,8 +54,9 @@ class ConvertOptions:
 
     def __post_init__(self):
         if self.inner_chunk < 1 or self.shard < 1:
-            raise ValueError(f"inner_chunk and shard must be >= 1, got {self.inner_chunk}, "
-                             f"{self.shard}")
+            raise ValueError(
+                f"inner_chunk and shard must be >= 1, got {self.inner_chunk}, {self.shard}"
+            )
         if self.shard % self.inner_chunk:
             raise ValueError(
                 f"shard ({self.shard}) must be a multiple of inner_chunk ({self.inner_chunk})"
@@ -67,8 +68,12 @@ class ConvertOptions:
 
     def layout(self) -> dict[str, Any]:
         """The choices that fix the bytes of the store (a rerun must match them)."""
-        return {"inner_chunk": self.inner_chunk, "shard": self.shard, "codec": self.codec,
-                "clevel": self.clevel}
+        return {
+            "inner_chunk": self.inner_chunk,
+            "shard": self.shard,
+            "codec": self.codec,
+            "clevel": self.clevel,
+        }
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,11 @@ class ReadSpan:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ReadSpan):
             return NotImplemented
-        return (self.shard_path == other.shard_path and np.array_equal(self.rows, other.rows)
-                and self.index == other.index)
+        return (
+            self.shard_path == other.shard_path
+            and np.array_equal(self.rows, other.rows)
+            and self.index == other.index
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -179,8 +187,11 @@ class PlanIndex:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PlanIndex):
             return NotImplemented
-        return (self.tars == other.tars and np.array_equal(self.row_tar, other.row_tar)
-                and np.array_equal(self.row_pos, other.row_pos))
+        return (
+            self.tars == other.tars
+            and np.array_equal(self.row_tar, other.row_tar)
+            and np.array_equal(self.row_pos, other.row_pos)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -225,8 +236,13 @@ def _task(plan: ConversionPlan, i: int) -> ShardTask:
         cuts = np.flatnonzero(tars[1:] != tars[:-1]) + 1
         for run in np.split(located, cuts):
             t = int(tar[run[0]])
-            spans.append(ReadSpan(plan.tar_shards[t].path, (run + lo).astype(np.int64),
-                                  plan.index.tars[t].take(plan.index.row_pos[lo + run])))
+            spans.append(
+                ReadSpan(
+                    plan.tar_shards[t].path,
+                    (run + lo).astype(np.int64),
+                    plan.index.tars[t].take(plan.index.row_pos[lo + run]),
+                )
+            )
     return ShardTask(i, lo, hi, tuple(spans))
 
 
@@ -308,10 +324,14 @@ class ConversionPlan:
             "tar_shards": [asdict(t) for t in self.tar_shards],
             "summary": dict(self.summary),
             "sample_keys": _pack_json(list(self.sample_keys)),
-            "rejected": _pack_json({
-                "shard": [x.shard for x in r], "key": [x.key for x in r],
-                "reason": [x.reason for x in r], "row": [x.row for x in r],
-            }),
+            "rejected": _pack_json(
+                {
+                    "shard": [x.shard for x in r],
+                    "key": [x.key for x in r],
+                    "reason": [x.reason for x in r],
+                    "row": [x.row for x in r],
+                }
+            ),
             "row_tar": _pack_array(self.index.row_tar),
             "row_pos": _pack_array(self.index.row_pos, delta=True),
             "tars": [_pack_index(t) for t in self.index.tars],
@@ -349,8 +369,7 @@ class ConversionPlan:
                 _unpack_array(d["row_pos"]),
             ),
             rejected=tuple(
-                Rejection(*x)
-                for x in zip(r["shard"], r["key"], r["reason"], r["row"], strict=True)
+                Rejection(*x) for x in zip(r["shard"], r["key"], r["reason"], r["row"], strict=True)
             ),
             summary=d["summary"],
             storage_options=dict(storage_options or {}),
@@ -391,9 +410,7 @@ class ConversionPlan:
         # Deferred: the plan stays importable without the writing side.
         from .api import execute
 
-        return execute(
-            self, client=client, workers=workers, progress=progress, overwrite=overwrite
-        )
+        return execute(self, client=client, workers=workers, progress=progress, overwrite=overwrite)
 
 
 PLAN_FORMAT = "nasar-zarr-plan/2"
@@ -410,8 +427,11 @@ def _unpack_json(text: str) -> Any:
 def _pack_array(a: np.ndarray, *, delta: bool = False) -> dict[str, Any]:
     a = np.ascontiguousarray(a)
     raw = np.diff(a, prepend=a.dtype.type(0)) if delta and a.size else a
-    return {"dtype": a.dtype.str, "delta": delta,
-            "data": base64.b64encode(zlib.compress(raw.tobytes(), 6)).decode()}
+    return {
+        "dtype": a.dtype.str,
+        "delta": delta,
+        "data": base64.b64encode(zlib.compress(raw.tobytes(), 6)).decode(),
+    }
 
 
 def _unpack_array(d: Mapping[str, Any]) -> np.ndarray:
@@ -524,16 +544,22 @@ def assemble_plan(
     if every.equals(key_arr):
         all_rows = np.arange(n, dtype=np.int64)  # the tars hold the rows in release order
     else:
-        all_rows = pc.index_in(every, value_set=key_arr).fill_null(-1).to_numpy(
-            zero_copy_only=False).astype(np.int64)
+        all_rows = (
+            pc.index_in(every, value_set=key_arr)
+            .fill_null(-1)
+            .to_numpy(zero_copy_only=False)
+            .astype(np.int64)
+        )
     del every
     bounds = np.cumsum([0] + [len(k) for k in tar_keys])
     for t, tar in enumerate(indexed):
         path, index = tar.shard.path, tar.entries
         found = (
-            pc.index_in(pa.array([p.key or "" for p in tar.problems], pa.string()),
-                        value_set=key_arr).to_pylist()
-            if tar.problems else []
+            pc.index_in(
+                pa.array([p.key or "" for p in tar.problems], pa.string()), value_set=key_arr
+            ).to_pylist()
+            if tar.problems
+            else []
         )
         for problem, row in zip(tar.problems, found, strict=True):
             row = row if problem.key else None
@@ -552,30 +578,52 @@ def assemble_plan(
             key = index.keys[pos].as_py()
             row = int(rows[pos])
             if row < 0:
-                reject(SourceError("sample is in the tar but not in metadata.parquet",
-                                   shard=path, key=key))
+                reject(
+                    SourceError(
+                        "sample is in the tar but not in metadata.parquet", shard=path, key=key
+                    )
+                )
             elif duplicate[pos]:
-                reject(SourceError(f"duplicate sample key: also in {paths[row_tar[row]]}",
-                                   shard=path, key=key), row)
+                reject(
+                    SourceError(
+                        f"duplicate sample key: also in {paths[row_tar[row]]}", shard=path, key=key
+                    ),
+                    row,
+                )
                 rejected_row[row] = True
             else:
-                reject(SourceError(
-                    f"metadata.parquet places this sample in {path_arr[row].as_py()}",
-                    shard=path, key=key), None)
+                reject(
+                    SourceError(
+                        f"metadata.parquet places this sample in {path_arr[row].as_py()}",
+                        shard=path,
+                        key=key,
+                    ),
+                    None,
+                )
         ok = np.flatnonzero(good)
         row_tar[rows[ok]] = t
         row_pos[rows[ok]] = ok
     row_tar[rejected_row] = -1  # e.g. a key in two tars: neither copy is trusted
     for row in np.flatnonzero((row_tar < 0) & ~rejected_row).tolist():
-        reject(SourceError("metadata.parquet lists this sample but no tar holds it",
-                           shard=path_arr[row].as_py(), key=key_arr[row].as_py()), row)
+        reject(
+            SourceError(
+                "metadata.parquet lists this sample but no tar holds it",
+                shard=path_arr[row].as_py(),
+                key=key_arr[row].as_py(),
+            ),
+            row,
+        )
     row_pos[row_tar < 0] = 0
     sample_keys = tuple(keys) if isinstance(keys, (list, tuple)) else tuple(key_arr.to_pylist())
     return ConversionPlan(
-        source=src, dest=dest, options=options, sample_keys=sample_keys,
+        source=src,
+        dest=dest,
+        options=options,
+        sample_keys=sample_keys,
         tar_shards=tuple(tar.shard for tar in indexed),
         index=PlanIndex(tuple(tar.entries for tar in indexed), row_tar, row_pos),
-        rejected=tuple(rejected), summary=dict(summary or {}),
+        rejected=tuple(rejected),
+        summary=dict(summary or {}),
         storage_options=dict(storage_options or {}),
     )
 

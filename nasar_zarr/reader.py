@@ -40,12 +40,17 @@ class CubeReader:
     >>> batch = reader[[3, 17, 42]]  # dict of arrays, sample axis first
     """
 
-    def __init__(self, url: str, *, variables: Sequence[str] = DEFAULT_VARIABLES,
-                 engine: str | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        variables: Sequence[str] = DEFAULT_VARIABLES,
+        engine: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         group = store.open_group(url, storage_options)
         self.variables = tuple(variables)
-        self.keys = group[schema.SAMPLE_DIM][:]
+        self.keys = store.read(group, schema.SAMPLE_DIM)
         if engine is None:
             engine = "tensorstore" if _has_tensorstore() and not source.is_remote(url) else "zarr"
         self.engine = engine
@@ -54,14 +59,16 @@ class CubeReader:
 
             root = url.split("://", 1)[1] if url.startswith("file://") else url
             context = ts.Context()
-            self._arrays = {
-                name: ts.open({"driver": "zarr3",
-                               "kvstore": {"driver": "file", "path": f"{root}/{name}"}},
-                              read=True, context=context).result()
+            self._arrays: dict[str, Any] = {
+                name: ts.open(
+                    {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{root}/{name}"}},
+                    read=True,
+                    context=context,
+                ).result()
                 for name in self.variables
             }
         elif engine == "zarr":
-            self._arrays = {name: group[name] for name in self.variables}
+            self._arrays = {name: store.array(group, name) for name in self.variables}
         else:
             raise ValueError(f"engine must be 'tensorstore' or 'zarr', got {engine!r}")
 
@@ -77,8 +84,10 @@ class CubeReader:
         rows = np.asarray(index, dtype=np.int64)
         if self.engine == "tensorstore":
             return self._read(rows)
-        return {name: np.stack([arr[int(i)] for i in rows]) if len(rows) else
-                arr[0:0] for name, arr in self._arrays.items()}
+        return {
+            name: np.stack([arr[int(i)] for i in rows]) if len(rows) else arr[0:0]
+            for name, arr in self._arrays.items()
+        }
 
     def read_runs(self, runs: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
         """Several contiguous runs of samples in one go, concatenated along ``sample``.
@@ -122,11 +131,11 @@ class CubeReader:
         parts = [self._read(slice(a, b)) for a, b in bounds or [(0, 0)]]
         return {name: np.concatenate([p[name] for p in parts]) for name in self._arrays}
 
-    def _read(self, selection) -> dict[str, np.ndarray]:
+    def _read(self, selection: Any) -> dict[str, np.ndarray]:
         if self.engine == "tensorstore":
             futures = {name: arr[selection].read() for name, arr in self._arrays.items()}
-            return {name: f.result() for name, f in futures.items()}
-        return {name: arr[selection] for name, arr in self._arrays.items()}
+            return {name: np.asarray(f.result()) for name, f in futures.items()}
+        return {name: np.asarray(arr[selection]) for name, arr in self._arrays.items()}
 
 
 def _has_tensorstore() -> bool:

@@ -219,9 +219,7 @@ STATUS_ATTRS = {
 PER_SAMPLE_BYTES = sum(int(np.prod(s)) for s in SOURCE_SHAPES.values()) * SOURCE_DTYPE.itemsize
 
 
-def fill_batch(
-    batch: Mapping[str, np.ndarray], row: int, arrays: Mapping[str, np.ndarray]
-) -> None:
+def fill_batch(batch: Mapping[str, np.ndarray], row: int, arrays: Mapping[str, np.ndarray]) -> None:
     """Write one sample's source arrays into row ``row`` of per-variable batch buffers."""
     for spec in DATA_VARIABLES:
         target = batch[spec.name][row]
@@ -232,8 +230,9 @@ def fill_batch(
 
 def empty_batch(n: int) -> dict[str, np.ndarray]:
     """Uninitialized per-variable buffers for ``n`` samples (the caller fills every row)."""
-    return {spec.name: np.empty((n, *spec.sample_shape), dtype=spec.dtype)
-            for spec in DATA_VARIABLES}
+    return {
+        spec.name: np.empty((n, *spec.sample_shape), dtype=spec.dtype) for spec in DATA_VARIABLES
+    }
 
 
 def cube_to_source(sample_vars: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

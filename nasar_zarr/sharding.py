@@ -27,8 +27,9 @@ def inner_encoder(codec: str, clevel: int) -> Callable[[np.ndarray], bytes]:
     from numcodecs import Blosc, Zstd
 
     if codec in ("blosc-zstd", "blosc-lz4"):
-        blosc = Blosc(cname=codec.split("-")[1], clevel=clevel, shuffle=Blosc.BITSHUFFLE,
-                      blocksize=0)
+        blosc = Blosc(
+            cname=codec.split("-")[1], clevel=clevel, shuffle=Blosc.BITSHUFFLE, blocksize=0
+        )
         return lambda chunk: blosc.encode(_little_endian(chunk))
     if codec == "zstd":
         zstd = Zstd(level=clevel)

@@ -20,8 +20,9 @@ import xarray as xr
 _F32 = np.dtype("float32")
 
 
-def _with_attrs(da: xr.DataArray, name: str, long_name: str, units: str,
-                description: str) -> xr.DataArray:
+def _with_attrs(
+    da: xr.DataArray, name: str, long_name: str, units: str, description: str
+) -> xr.DataArray:
     da = da.astype(_F32, copy=False)
     da.attrs = {"long_name": long_name, "units": units, "description": description}
     da.name = name
@@ -44,8 +45,13 @@ def backscatter_db(rtc: xr.DataArray) -> xr.DataArray:
     """
     # Masking first (rather than after) keeps log10 from ever seeing 0: no warnings.
     db = 10.0 * xr.apply_ufunc(np.log10, rtc.where(rtc > 0), dask="allowed")
-    return _with_attrs(db, "backscatter_db", "RTC backscatter (gamma0)", "dB",
-                       "10 * log10(rtc); non-positive (missing or invalid) values are NaN.")
+    return _with_attrs(
+        db,
+        "backscatter_db",
+        "RTC backscatter (gamma0)",
+        "dB",
+        "10 * log10(rtc); non-positive (missing or invalid) values are NaN.",
+    )
 
 
 def cross_co_ratio_db(rtc: xr.DataArray) -> xr.DataArray:
@@ -64,9 +70,14 @@ def cross_co_ratio_db(rtc: xr.DataArray) -> xr.DataArray:
     """
     db = backscatter_db(rtc)
     ratio = db.sel(pol="cross", drop=True) - db.sel(pol="co", drop=True)
-    return _with_attrs(ratio, "cross_co_ratio_db", "cross-pol to co-pol backscatter ratio",
-                       "dB", "10 * log10(rtc[cross] / rtc[co]) as a difference of dB;"
-                       " NaN where either channel is non-positive.")
+    return _with_attrs(
+        ratio,
+        "cross_co_ratio_db",
+        "cross-pol to co-pol backscatter ratio",
+        "dB",
+        "10 * log10(rtc[cross] / rtc[co]) as a difference of dB;"
+        " NaN where either channel is non-positive.",
+    )
 
 
 def temporal_change_db(rtc: xr.DataArray) -> xr.DataArray:
@@ -85,9 +96,14 @@ def temporal_change_db(rtc: xr.DataArray) -> xr.DataArray:
     """
     db = backscatter_db(rtc)
     change = db.sel(time="secondary", drop=True) - db.sel(time="prime", drop=True)
-    return _with_attrs(change, "temporal_change_db", "backscatter change, secondary over prime",
-                       "dB", "10 * log10(rtc[secondary] / rtc[prime]) as a difference of dB;"
-                       " NaN where either acquisition is non-positive.")
+    return _with_attrs(
+        change,
+        "temporal_change_db",
+        "backscatter change, secondary over prime",
+        "dB",
+        "10 * log10(rtc[secondary] / rtc[prime]) as a difference of dB;"
+        " NaN where either acquisition is non-positive.",
+    )
 
 
 def wrapped_phase(ifg: xr.DataArray) -> xr.DataArray:
@@ -104,11 +120,18 @@ def wrapped_phase(ifg: xr.DataArray) -> xr.DataArray:
         float32 radians without the ``component`` dimension.
     """
     phase = xr.apply_ufunc(
-        np.arctan2, ifg.sel(component="sin", drop=True), ifg.sel(component="cos", drop=True),
+        np.arctan2,
+        ifg.sel(component="sin", drop=True),
+        ifg.sel(component="cos", drop=True),
         dask="allowed",
     )
-    return _with_attrs(phase, "wrapped_phase", "wrapped interferometric phase", "rad",
-                       "arctan2(ifg[sin], ifg[cos]), in [-pi, pi].")
+    return _with_attrs(
+        phase,
+        "wrapped_phase",
+        "wrapped interferometric phase",
+        "rad",
+        "arctan2(ifg[sin], ifg[cos]), in [-pi, pi].",
+    )
 
 
 def coherence(coh: xr.DataArray) -> xr.DataArray:
@@ -124,8 +147,13 @@ def coherence(coh: xr.DataArray) -> xr.DataArray:
     xarray.DataArray
         The same values (float32), in [0, 1].
     """
-    return _with_attrs(coh.copy(deep=False), "coherence", "interferometric coherence", "1",
-                       "Interferometric coherence magnitude in [0, 1], as stored in the cube.")
+    return _with_attrs(
+        coh.copy(deep=False),
+        "coherence",
+        "interferometric coherence",
+        "1",
+        "Interferometric coherence magnitude in [0, 1], as stored in the cube.",
+    )
 
 
 def signatures(ds: xr.Dataset) -> xr.Dataset:

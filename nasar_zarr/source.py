@@ -140,8 +140,11 @@ class ByteSource:
         i, n = 0, len(offsets)
         while i < n:
             j, start = i + 1, offsets[i]
-            while (j < n and 0 <= offsets[j] - offsets[j - 1] <= _WINDOW_GAP
-                   and offsets[j] + length - start <= _WINDOW):
+            while (
+                j < n
+                and 0 <= offsets[j] - offsets[j - 1] <= _WINDOW_GAP
+                and offsets[j] + length - start <= _WINDOW
+            ):
                 j += 1
             windows.append((i, j, start, offsets[j - 1] + length))
             i = j
@@ -194,8 +197,13 @@ class _SourceFile(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else (
-            self._src.size + offset)
+        self._pos = (
+            offset
+            if whence == 0
+            else self._pos + offset
+            if whence == 1
+            else (self._src.size + offset)
+        )
         return self._pos
 
     def read(self, n: int | None = -1) -> bytes:
@@ -229,8 +237,7 @@ _BAD_FIRST_HEADER: tuple[type[Exception], ...] = (
     getattr(tarfile, "TruncatedHeaderError"),  # noqa: B009
 )
 _SUBSEQUENT_HEADER: type[Exception] = getattr(tarfile, "SubsequentHeaderError")  # noqa: B009
-_NUMERIC_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (148, 8), (329, 8),
-                   (337, 8))
+_NUMERIC_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (148, 8), (329, 8), (337, 8))
 _DIGITS = np.zeros(256, dtype=bool)
 _DIGITS[ord("0") : ord("8")] = True
 
@@ -339,15 +346,24 @@ def scan_tar(src: ByteSource, *, max_batch: int | None = None) -> TarMembers:
         offsets.append(info.offset_data)
         sizes.append(info.size)
         isfile.append(info.isfile())
-        if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and info.offset == pos and (
-            shim.offset == info.offset_data + _padded(info.size)
-        ) and info.offset_data == pos + _BLOCK:
+        if (
+            info.type in (tarfile.REGTYPE, tarfile.AREGTYPE)
+            and info.offset == pos
+            and (shim.offset == info.offset_data + _padded(info.size))
+            and info.offset_data == pos + _BLOCK
+        ):
             strides.append(shim.offset - pos)
         else:
             strides.clear()  # pax, long names, other types: no prediction across them
         pos = shim.offset
-    return TarMembers(names, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
-                      np.array(isfile, dtype=bool), error, requests + src.requests)
+    return TarMembers(
+        names,
+        np.array(offsets, dtype=np.int64),
+        np.array(sizes, dtype=np.int64),
+        np.array(isfile, dtype=bool),
+        error,
+        requests + src.requests,
+    )
 
 
 def _padded(size: int) -> int:
@@ -395,7 +411,8 @@ def _plain_headers(
         row = blocks[i]
         end = row.find(b"\0", 345, 500)
         names[i] = row[345 : 500 if end < 0 else end].decode("utf-8", "surrogateescape") + (
-            "/" + names[i])
+            "/" + names[i]
+        )
     for i in np.flatnonzero(h[:n, 156] == 0).tolist():
         if names[i].endswith("/"):  # an old-style directory: tarfile's path decides
             n = i
@@ -523,17 +540,28 @@ class TarIndex:
                 suffix = "npz" if m.array is None else f"{m.array}.npy"
                 codes.append(table.setdefault(suffix, len(table)))
             start.append(len(offset))
-        return cls(pa.array(keys, pa.string()), np.array(start, np.int64),
-                   np.array(offset, np.int64), np.array(size, np.int64),
-                   np.array(codes, np.int16), tuple(table))
+        return cls(
+            pa.array(keys, pa.string()),
+            np.array(start, np.int64),
+            np.array(offset, np.int64),
+            np.array(size, np.int64),
+            np.array(codes, np.int16),
+            tuple(table),
+        )
 
     def entry(self, i: int) -> SampleEntry:
         key = self.keys[i].as_py()
         members = []
         for j in range(int(self.member_start[i]), int(self.member_start[i + 1])):
             suffix = self.suffixes[self.suffix[j]]
-            members.append(Member(f"{key}.{suffix}", int(self.offset[j]), int(self.size[j]),
-                                  None if suffix == "npz" else suffix[: -len(".npy")]))
+            members.append(
+                Member(
+                    f"{key}.{suffix}",
+                    int(self.offset[j]),
+                    int(self.size[j]),
+                    None if suffix == "npz" else suffix[: -len(".npy")],
+                )
+            )
         return SampleEntry(key, tuple(members))
 
     def entries(self) -> list[SampleEntry]:
@@ -548,21 +576,32 @@ class TarIndex:
         start = np.zeros(len(positions) + 1, dtype=np.int64)
         np.cumsum(counts, out=start[1:])
         members = np.repeat(lo - start[:-1], counts) + np.arange(start[-1], dtype=np.int64)
-        return TarIndex(self.keys.take(pa.array(positions)), start, self.offset[members],
-                        self.size[members], self.suffix[members], self.suffixes)
+        return TarIndex(
+            self.keys.take(pa.array(positions)),
+            start,
+            self.offset[members],
+            self.size[members],
+            self.suffix[members],
+            self.suffixes,
+        )
 
     def to_table(self) -> pa.Table:
         """One row per member: key, suffix, offset, size (a sample's members are adjacent)."""
         counts = np.diff(self.member_start)
         sample = np.repeat(np.arange(len(self), dtype=np.int64), counts)
         suffixes = pa.array(list(self.suffixes), pa.string())
-        return pa.table({
-            "key": self.keys.take(pa.array(sample)) if len(sample) else pa.array([], pa.string()),
-            "suffix": pa.DictionaryArray.from_arrays(pa.array(self.suffix.astype(np.int32)),
-                                                     suffixes),
-            "offset": pa.array(self.offset),
-            "size": pa.array(self.size),
-        })
+        return pa.table(
+            {
+                "key": self.keys.take(pa.array(sample))
+                if len(sample)
+                else pa.array([], pa.string()),
+                "suffix": pa.DictionaryArray.from_arrays(
+                    pa.array(self.suffix.astype(np.int32)), suffixes
+                ),
+                "offset": pa.array(self.offset),
+                "size": pa.array(self.size),
+            }
+        )
 
     @classmethod
     def from_table(cls, table: pa.Table) -> TarIndex:
@@ -572,7 +611,8 @@ class TarIndex:
         keys = table.column("key").combine_chunks()
         new = np.ones(len(keys), dtype=bool)
         new[1:] = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(
-            zero_copy_only=False)
+            zero_copy_only=False
+        )
         starts = np.flatnonzero(new)
         suffix = table.column("suffix").combine_chunks()
         if not isinstance(suffix, pa.DictionaryArray):
@@ -686,38 +726,47 @@ def _group_members(
             # Two payloads for one key: neither can be trusted over the other.
             entries.pop(key)
             dropped.add(key)
-            problem(DuplicateSampleError(
-                f"duplicate sample key: member {name!r} repeats it", shard=shard, key=key))
+            problem(
+                DuplicateSampleError(
+                    f"duplicate sample key: member {name!r} repeats it", shard=shard, key=key
+                )
+            )
             continue
         if sizes[j] > max_member_bytes:
             entries.pop(key, None)
             dropped.add(key)
-            problem(MemberTooLargeError(
-                f"member {name!r} is {sizes[j]:,} bytes, over the cap of {max_member_bytes:,}",
-                shard=shard,
-                key=key,
-                hint="raise max_member_bytes if this is intended",
-            ))
+            problem(
+                MemberTooLargeError(
+                    f"member {name!r} is {sizes[j]:,} bytes, over the cap of {max_member_bytes:,}",
+                    shard=shard,
+                    key=key,
+                    hint="raise max_member_bytes if this is intended",
+                )
+            )
             continue
         if offsets[j] + sizes[j] > size:
             entries.pop(key, None)
-            problem(ShardCorruptError(
-                f"truncated tar: member {name!r} needs bytes up to"
-                f" {offsets[j] + sizes[j]:,} but the file has {size:,}",
-                shard=shard,
-                key=key,
-            ))
+            problem(
+                ShardCorruptError(
+                    f"truncated tar: member {name!r} needs bytes up to"
+                    f" {offsets[j] + sizes[j]:,} but the file has {size:,}",
+                    shard=shard,
+                    key=key,
+                )
+            )
             truncated = True
             break
         entries.setdefault(key, []).append(j)
         arrays.setdefault(key, set()).add(array)
         last_key = key
     if scanned.error is not None and not truncated:
-        problem(ShardCorruptError(
-            f"not a readable tar archive after {len(entries)} samples ({scanned.error})",
-            shard=shard,
-            key=last_key,
-        ))
+        problem(
+            ShardCorruptError(
+                f"not a readable tar archive after {len(entries)} samples ({scanned.error})",
+                shard=shard,
+                key=last_key,
+            )
+        )
     keys = list(entries)
     members = [j for key in keys for j in entries[key]]
     start = np.zeros(len(keys) + 1, dtype=np.int64)
@@ -725,8 +774,14 @@ def _group_members(
     table: dict[str, int] = {}
     codes = np.array([table.setdefault(suffix_of[j], len(table)) for j in members], np.int16)
     idx = np.array(members, dtype=np.int64)
-    return TarIndex(pa.array(keys, pa.string()), start, scanned.offsets[idx],
-                    scanned.sizes[idx], codes, tuple(table))
+    return TarIndex(
+        pa.array(keys, pa.string()),
+        start,
+        scanned.offsets[idx],
+        scanned.sizes[idx],
+        codes,
+        tuple(table),
+    )
 
 
 _NAME = r"^(?P<key>[^.]*)(?:\.(?P<suffix>.*))?$"
@@ -746,10 +801,13 @@ def _group_clean(scanned: TarMembers, size: int, max_member_bytes: int) -> TarIn
         return None
     parts = pc.extract_regex(names, _NAME)
     keys, suffix = parts.field("key"), parts.field("suffix")
-    is_array = pc.or_(
-        pc.equal(suffix, "npz"),
-        pc.and_(pc.ends_with(suffix, ".npy"), pc.equal(pc.count_substring(suffix, "."), 1)),
-    ).to_numpy(zero_copy_only=False) & scanned.isfile
+    is_array = (
+        pc.or_(
+            pc.equal(suffix, "npz"),
+            pc.and_(pc.ends_with(suffix, ".npy"), pc.equal(pc.count_substring(suffix, "."), 1)),
+        ).to_numpy(zero_copy_only=False)
+        & scanned.isfile
+    )
     pick = np.flatnonzero(is_array)
     if not len(pick):
         return TarIndex.empty()
@@ -761,8 +819,7 @@ def _group_clean(scanned: TarMembers, size: int, max_member_bytes: int) -> TarIn
     m = len(pick)
     new = np.ones(m, dtype=bool)
     if m > 1:
-        new[1:] = pc.not_equal(keys.slice(1), keys.slice(0, m - 1)).to_numpy(
-            zero_copy_only=False)
+        new[1:] = pc.not_equal(keys.slice(1), keys.slice(0, m - 1)).to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(new)
     sample_keys = keys.take(pa.array(starts))
     if pc.count_distinct(sample_keys).as_py() != len(starts):
@@ -794,8 +851,13 @@ def index_shard(
     :func:`index_tar` gives the same index in columnar form; the raised and
     collected problems are the same.
     """
-    return index_tar(url, shard=shard, storage_options=storage_options,
-                     max_member_bytes=max_member_bytes, problems=problems).entries()
+    return index_tar(
+        url,
+        shard=shard,
+        storage_options=storage_options,
+        max_member_bytes=max_member_bytes,
+        problems=problems,
+    ).entries()
 
 
 # ---------------------------------------------------------------------------- read
@@ -872,8 +934,12 @@ def read_index(
                 payloads: list[tuple[Member, Any]] = []
                 for j in range(int(start[i]), int(start[i + 1])):
                     suffix = index.suffixes[index.suffix[j]]
-                    member = Member(f"{key}.{suffix}", int(index.offset[j]), int(index.size[j]),
-                                    None if suffix == "npz" else suffix[: -len(".npy")])
+                    member = Member(
+                        f"{key}.{suffix}",
+                        int(index.offset[j]),
+                        int(index.size[j]),
+                        None if suffix == "npz" else suffix[: -len(".npy")],
+                    )
                     rel = member.offset - begin
                     if rel + member.size > len(data):
                         have = max(0, len(data) - rel)
@@ -885,10 +951,18 @@ def read_index(
                         )
                     payloads.append((member, data[rel : rel + member.size]))
                 try:
-                    yield key, decode_sample(payloads, shard=shard, key=key,
-                                             max_member_bytes=max_member_bytes)
-                except (SampleDecodeError, SampleSchemaError, MemberTooLargeError,
-                        DuplicateSampleError) as exc:
+                    yield (
+                        key,
+                        decode_sample(
+                            payloads, shard=shard, key=key, max_member_bytes=max_member_bytes
+                        ),
+                    )
+                except (
+                    SampleDecodeError,
+                    SampleSchemaError,
+                    MemberTooLargeError,
+                    DuplicateSampleError,
+                ) as exc:
                     yield key, exc
             del data
             lo = hi
@@ -908,8 +982,9 @@ def read_samples(
     caller decides the policy. A shard that cannot be read at all raises.
     """
     index = entries if isinstance(entries, TarIndex) else TarIndex.from_entries(entries)
-    yield from read_index(url, index, shard=shard, storage_options=storage_options,
-                          max_member_bytes=max_member_bytes)
+    yield from read_index(
+        url, index, shard=shard, storage_options=storage_options, max_member_bytes=max_member_bytes
+    )
 
 
 def iter_shard(
@@ -921,10 +996,12 @@ def iter_shard(
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """Every sample of one shard, validated, in archive order; the first bad one raises."""
     shard = shard or url
-    index = index_tar(url, shard=shard, storage_options=storage_options,
-                      max_member_bytes=max_member_bytes)
-    for key, arrays in read_index(url, index, shard=shard, storage_options=storage_options,
-                                  max_member_bytes=max_member_bytes):
+    index = index_tar(
+        url, shard=shard, storage_options=storage_options, max_member_bytes=max_member_bytes
+    )
+    for key, arrays in read_index(
+        url, index, shard=shard, storage_options=storage_options, max_member_bytes=max_member_bytes
+    ):
         if isinstance(arrays, Exception):
             raise arrays
         yield key, arrays
@@ -1068,8 +1145,9 @@ def decode_npz(
                 shard=shard,
                 key=key,
             )
-        raw = _zip_entry_bytes(zf, info, view, shard=shard, key=key, cap=max_member_bytes,
-                               inflater=inflater)
+        raw = _zip_entry_bytes(
+            zf, info, view, shard=shard, key=key, cap=max_member_bytes, inflater=inflater
+        )
         arrays[info.filename[: -len(".npy")]] = decode_npy(raw, shard=shard, key=key, what=what)
     return arrays
 
@@ -1109,8 +1187,25 @@ def _central_directory(view: memoryview) -> list[_ZipEntry] | None:
     for _ in range(n):
         if pos + _CDFH.size > end:
             return None
-        (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
-         _, _, _, offset) = _CDFH.unpack(view[pos : pos + _CDFH.size])
+        (
+            sig,
+            _,
+            _,
+            flags,
+            method,
+            _,
+            _,
+            crc,
+            csize,
+            usize,
+            name_len,
+            extra_len,
+            comment_len,
+            _,
+            _,
+            _,
+            offset,
+        ) = _CDFH.unpack(view[pos : pos + _CDFH.size])
         name = bytes(view[pos + _CDFH.size : pos + _CDFH.size + name_len])
         if (
             sig != b"PK\x01\x02"
@@ -1171,8 +1266,14 @@ def _zip_entry_bytes(zf, info, view, *, shard, key, cap, inflater=None) -> memor
         return raw
     except MemberTooLargeError:
         raise
-    except (zipfile.BadZipFile, NotImplementedError, zlib.error, ValueError, OSError,
-            EOFError) as exc:
+    except (
+        zipfile.BadZipFile,
+        NotImplementedError,
+        zlib.error,
+        ValueError,
+        OSError,
+        EOFError,
+    ) as exc:
         raise SampleDecodeError(f"corrupt npz member: {exc}", shard=shard, key=key) from None
 
 
@@ -1189,11 +1290,13 @@ def decode_npy(data: bytes | memoryview, *, shard: str, key: str, what: str) -> 
             (header_len,), start = struct.unpack("<I", raw[8:12]), 12
         else:
             raise ValueError(f"unknown .npy version {major}")
-        dtype, shape, fortran = _npy_header(bytes(raw[start : start + header_len]),
-                                            "utf8" if major == 3 else "latin1")
+        dtype, shape, fortran = _npy_header(
+            bytes(raw[start : start + header_len]), "utf8" if major == 3 else "latin1"
+        )
     except (ValueError, SyntaxError, KeyError, TypeError, struct.error, IndexError) as exc:
-        raise SampleDecodeError(f"corrupt npy header in {what!r}: {exc}", shard=shard,
-                                key=key) from None
+        raise SampleDecodeError(
+            f"corrupt npy header in {what!r}: {exc}", shard=shard, key=key
+        ) from None
     if dtype.hasobject:
         raise SampleDecodeError(
             f"{what!r} holds an object array (pickled data); refusing to unpickle it",

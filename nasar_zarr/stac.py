@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import xarray as xr
 
-from . import columns, schema, store
+from . import schema
 from .columns import ColumnRoles, dataset_roles
 from .errors import MetadataError
 

@@ -75,8 +75,9 @@ def _range(var: str, name: str | None, range: Sequence[float] | None) -> tuple[f
     return lo, hi
 
 
-def _counts_kernel(values: np.ndarray, valid: np.ndarray, *, bins: int,
-                   range: tuple[float, float], clip: bool) -> np.ndarray:
+def _counts_kernel(
+    values: np.ndarray, valid: np.ndarray, *, bins: int, range: tuple[float, float], clip: bool
+) -> np.ndarray:
     """``(groups, n)`` values and mask -> ``(groups, 1, bins)`` int64 counts."""
     out = np.zeros((values.shape[0], 1, bins), dtype=np.int64)
     for g in np.arange(values.shape[0]):
@@ -161,16 +162,28 @@ def histogram(
     if _is_dask(values.data) or _is_dask(valid.data):
         counts = _dask_counts(values.data, valid.data, n_groups, kwargs)
     else:
-        counts = _counts_kernel(np.asarray(values.data).reshape(n_groups, -1),
-                                np.asarray(valid.data).reshape(n_groups, -1), **kwargs)
+        counts = _counts_kernel(
+            np.asarray(values.data).reshape(n_groups, -1),
+            np.asarray(valid.data).reshape(n_groups, -1),
+            **kwargs,
+        )
         counts = counts.sum(axis=1)
-    return _counts_array(counts, values, None if group == _ONE else group, var, name, bins,
-                         lo, hi, clip)
+    return _counts_array(
+        counts, values, None if group == _ONE else group, var, name, bins, lo, hi, clip
+    )
 
 
-def _counts_array(counts: Any, values: xr.DataArray, group: str | None, var: str,
-                  name: str | None, bins: int, lo: float, hi: float,
-                  clip: bool) -> xr.DataArray:
+def _counts_array(
+    counts: Any,
+    values: xr.DataArray,
+    group: str | None,
+    var: str,
+    name: str | None,
+    bins: int,
+    lo: float,
+    hi: float,
+    clip: bool,
+) -> xr.DataArray:
     """``(groups, bins)`` counts as the labelled DataArray :func:`histogram` returns."""
     edges = np.histogram_bin_edges([], bins=bins, range=(lo, hi))
     coords: dict[str, Any] = {
@@ -195,7 +208,6 @@ def _counts_array(counts: Any, values: xr.DataArray, group: str | None, var: str
     return xr.DataArray(counts, dims=dims, coords=coords, name="counts", attrs=attrs)
 
 
-
 # numpy kernels of the named transforms, in place on a float32 copy (same values as
 # TRANSFORMS: log1p(float32(20) * x); 10 log10 x with non-positive x dropped).
 def _log1p20_inplace(v: np.ndarray) -> np.ndarray:
@@ -210,13 +222,22 @@ def _db_inplace(v: np.ndarray) -> np.ndarray:
 
 
 _INPLACE: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {
-    "log1p20": _log1p20_inplace, "db": _db_inplace, None: lambda v: v,
+    "log1p20": _log1p20_inplace,
+    "db": _db_inplace,
+    None: lambda v: v,
 }
 
 
-def fused_counts_kernel(x: np.ndarray, present: np.ndarray | None, *, axis: int | None,
-                        transform: str | None, bins: int, range: tuple[float, float],
-                        clip: bool) -> np.ndarray:
+def fused_counts_kernel(
+    x: np.ndarray,
+    present: np.ndarray | None,
+    *,
+    axis: int | None,
+    transform: str | None,
+    bins: int,
+    range: tuple[float, float],
+    clip: bool,
+) -> np.ndarray:
     """Counts of one block in one pass: ``(groups, 1, bins)`` int64.
 
     ``x`` is a block of the variable (sample axis first); ``present`` (or None)
@@ -250,7 +271,7 @@ def fused_counts_kernel(x: np.ndarray, present: np.ndarray | None, *, axis: int 
         xg = x if axis is None else np.take(x, [g], axis=axis)
         if present is not None:
             pg = present if axis is None else np.take(present, [g], axis=axis)
-            pg = np.broadcast_to(pg, xg.shape[:pg.ndim]).reshape(-1)
+            pg = np.broadcast_to(pg, xg.shape[: pg.ndim]).reshape(-1)
             v = xg.reshape(pg.size, -1)[pg]  # present channels only (a copy)
         else:
             v = np.array(xg, copy=True)
@@ -263,20 +284,32 @@ def fused_counts_kernel(x: np.ndarray, present: np.ndarray | None, *, axis: int 
     return out
 
 
-def _fused_counts(raw: xr.DataArray, present: xr.DataArray | None, group: str | None,
-                  transform: str | None, *, bins: int, range: tuple[float, float],
-                  clip: bool) -> Any:
+def _fused_counts(
+    raw: xr.DataArray,
+    present: xr.DataArray | None,
+    group: str | None,
+    transform: str | None,
+    *,
+    bins: int,
+    range: tuple[float, float],
+    clip: bool,
+) -> Any:
     """``(groups, bins)`` counts with :func:`fused_counts_kernel` on each dask chunk."""
     axis = raw.dims.index(group) if group is not None else None
     if present is not None:
         # the mask's dims must lead the variable's, in the variable's order
-        lead = raw.dims[:present.ndim]
+        lead = raw.dims[: present.ndim]
         if set(present.dims) != set(lead):
             present = None
         else:
             present = present.transpose(*lead)
-    kwargs: dict[str, Any] = {"axis": axis, "transform": transform, "bins": bins,
-                              "range": range, "clip": clip}
+    kwargs: dict[str, Any] = {
+        "axis": axis,
+        "transform": transform,
+        "bins": bins,
+        "range": range,
+        "clip": clip,
+    }
     data = raw.data
     if not _is_dask(data):
         mask = None if present is None else np.asarray(present.values, dtype=bool)
@@ -293,23 +326,27 @@ def _fused_counts(raw: xr.DataArray, present: xr.DataArray | None, group: str | 
         mask = da.asarray(present.data).astype(bool)
         kwargs["present_ndim"] = mask.ndim
         mask = mask.reshape(*mask.shape, *(1,) * (ndim - mask.ndim))
-        args.append(mask.rechunk({0: data.chunks[0],
-                                  **{i: -1 for i in builtins.range(1, ndim)}}))
+        args.append(mask.rechunk({0: data.chunks[0], **{i: -1 for i in builtins.range(1, ndim)}}))
     extra: dict[str, Any] = {}
     if ndim >= 3:
         extra["drop_axis"] = list(builtins.range(3, ndim))
     else:
         extra["new_axis"] = list(builtins.range(ndim, 3))
     per_block = da.map_blocks(
-        _block_counts, *args, **kwargs, **extra,
+        _block_counts,
+        *args,
+        **kwargs,
+        **extra,
         chunks=((1,) * data.numblocks[0], (n_groups,), (bins,)),
-        dtype=np.int64, meta=np.empty((0, 0, 0), dtype=np.int64),
+        dtype=np.int64,
+        meta=np.empty((0, 0, 0), dtype=np.int64),
     )
     return per_block.sum(axis=0)
 
 
-def _block_counts(x: np.ndarray, present: np.ndarray | None = None, *,
-                  present_ndim: int = 0, **kwargs: Any) -> np.ndarray:
+def _block_counts(
+    x: np.ndarray, present: np.ndarray | None = None, *, present_ndim: int = 0, **kwargs: Any
+) -> np.ndarray:
     """:func:`fused_counts_kernel` of one dask block, as ``(1, groups, bins)``."""
     if present is not None:
         present = present.reshape(present.shape[:present_ndim])
@@ -334,15 +371,21 @@ def _dask_counts(values, valid, n_groups: int, kwargs: dict[str, Any]):
     if flat.numblocks[0] != 1:
         flat, mask = flat.rechunk({0: -1}), mask.rechunk({0: -1})
     per_block = da.map_blocks(
-        _counts_kernel, flat, mask, **kwargs,
-        new_axis=[2], chunks=((n_groups,), (1,) * n_blocks, (kwargs["bins"],)),
-        dtype=np.int64, meta=np.empty((0, 0, 0), dtype=np.int64),
+        _counts_kernel,
+        flat,
+        mask,
+        **kwargs,
+        new_axis=[2],
+        chunks=((n_groups,), (1,) * n_blocks, (kwargs["bins"],)),
+        dtype=np.int64,
+        meta=np.empty((0, 0, 0), dtype=np.int64),
     )
     return per_block.sum(axis=1)
 
 
-def _quantile_kernel(counts: np.ndarray, *, lower: np.ndarray, upper: np.ndarray,
-                     q: np.ndarray) -> np.ndarray:
+def _quantile_kernel(
+    counts: np.ndarray, *, lower: np.ndarray, upper: np.ndarray, q: np.ndarray
+) -> np.ndarray:
     """Quantiles from counts (``..., bins``), linear within a bin -> (``..., len(q)``)."""
     counts = np.asarray(counts, dtype=np.float64)
     cdf = np.cumsum(counts, axis=-1)
@@ -359,14 +402,16 @@ def _quantile_kernel(counts: np.ndarray, *, lower: np.ndarray, upper: np.ndarray
         i = np.where(target > 0, i, np.argmax(counts[idx] > 0))
         before = np.where(i > 0, cdf[idx][i - 1], 0.0)
         inside = counts[idx][i]
-        frac = np.divide(target - before, inside, out=np.zeros_like(target),
-                         where=inside > 0).clip(0.0, 1.0)
+        frac = np.divide(target - before, inside, out=np.zeros_like(target), where=inside > 0).clip(
+            0.0, 1.0
+        )
         out[idx] = lower[i] + frac * (upper[i] - lower[i])
     return out
 
 
-def quantiles_from_histogram(counts: xr.DataArray, q: Sequence[float] = (0.01, 0.99)
-                             ) -> xr.DataArray:
+def quantiles_from_histogram(
+    counts: xr.DataArray, q: Sequence[float] = (0.01, 0.99)
+) -> xr.DataArray:
     """Quantiles read off a histogram from :func:`histogram`, lazily.
 
     The cumulative count is interpolated linearly within the bin where it
@@ -399,8 +444,7 @@ def quantiles_from_histogram(counts: xr.DataArray, q: Sequence[float] = (0.01, 0
         counts,
         input_core_dims=[["bin"]],
         output_core_dims=[["quantile"]],
-        kwargs={"lower": counts["bin_lower"].values, "upper": counts["bin_upper"].values,
-                "q": qs},
+        kwargs={"lower": counts["bin_lower"].values, "upper": counts["bin_upper"].values, "q": qs},
         dask="parallelized",
         output_dtypes=[np.float64],
         dask_gufunc_kwargs={"output_sizes": {"quantile": qs.size}},

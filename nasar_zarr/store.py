@@ -58,8 +58,9 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
     return fs, root.rstrip("/")
 
 
-def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *,
-               read_only: bool = False):
+def zarr_store(
+    url: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = False
+):
     """A zarr v3 store for ``url`` (LocalStore for paths, FsspecStore for URLs)."""
     if source.is_remote(url):
         return zarr.storage.FsspecStore.from_url(
@@ -69,16 +70,20 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *,
     return zarr.storage.LocalStore(path, read_only=read_only)
 
 
-def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *,
-               mode: Literal["r", "r+", "a", "w", "w-"] = "r",
-               use_consolidated: bool | None = None, wrap=None) -> zarr.Group:
+def open_group(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    mode: Literal["r", "r+", "a", "w", "w-"] = "r",
+    use_consolidated: bool | None = None,
+    wrap=None,
+) -> zarr.Group:
     store = zarr_store(url, storage_options, read_only=mode == "r")
     if wrap is not None:
         store = wrap(store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return zarr.open_group(store, mode=mode, zarr_format=3,
-                               use_consolidated=use_consolidated)
+        return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=use_consolidated)
 
 
 def array(group: zarr.Group, name: str) -> zarr.Array:

@@ -48,9 +48,7 @@ def run_task(
     """
     n, k = task.n_samples, options.inner_chunk
     status = np.zeros(n, dtype="uint8")
-    present = np.zeros(
-        (n, *(schema.DIM_SIZES[d] for d in schema.RTC_PRESENT_DIMS[1:])), dtype=bool
-    )
+    present = np.zeros((n, *(schema.DIM_SIZES[d] for d in schema.RTC_PRESENT_DIMS[1:])), dtype=bool)
     rejections: list[dict] = []
     nonfinite: list[dict] = []
     encode = sharding.inner_encoder(options.codec, options.clevel)
@@ -105,12 +103,12 @@ def run_task(
         wrap=lambda s: store.ChecksumStore(s, checksums),
     )
     for name in schema.VARIABLES:
-        key = chunk_object(group[name], task.index)
+        key = chunk_object(store.array(group, name), task.index)
         checksums[key] = write_shard(dest, key, pieces.pop(name), options, storage_options)
         fault_point(f"after-{name}")
     region = slice(task.start, task.stop)
-    group[schema.RTC_PRESENT][region] = present
-    group[schema.STATUS][region] = status
+    store.array(group, schema.RTC_PRESENT)[region] = present
+    store.array(group, schema.STATUS)[region] = status
     fault_point("after-status")
     # An object Zarr did not write holds only fill values (no object): None.
     checksums = {

@@ -49,8 +49,9 @@ class VerifyReport:
         return not self.mismatches
 
     def __str__(self) -> str:
-        head = (f"{self.dest}: {self.checked_shards} shards, {self.checked_samples:,} samples"
-                " checked: ")
+        head = (
+            f"{self.dest}: {self.checked_shards} shards, {self.checked_samples:,} samples checked: "
+        )
         if self.ok:
             return head + "OK"
         lines = [head + f"{len(self.mismatches)} mismatches"]
@@ -89,15 +90,25 @@ def verify_store(
             mismatches.append(Mismatch("sample", "sample keys differ from the source's"))
             return VerifyReport(dest, 0, 0, tuple(mismatches))
         rejected = {r.row for r in plan.rejected if r.row is not None}
-        calls = [((t,), {"dest": dest, "src": src, "storage_options": so,
-                         "rejected_rows": sorted(rejected & set(range(t.start, t.stop)))})
-                 for t in plan.tasks]
+        calls = [
+            (
+                (t,),
+                {
+                    "dest": dest,
+                    "src": src,
+                    "storage_options": so,
+                    "rejected_rows": sorted(rejected & set(range(t.start, t.stop))),
+                },
+            )
+            for t in plan.tasks
+        ]
         fn = _compare_task
         mismatches += _compare_metadata(dest, src, so)
     else:
         fn = _check_shard
-    for found in run_calls(fn, calls, client=client, workers=workers, progress=progress,
-                           desc="verify"):
+    for found in run_calls(
+        fn, calls, client=client, workers=workers, progress=progress, desc="verify"
+    ):
         mismatches += [Mismatch(*m) for m in found]
     return VerifyReport(dest, n_shards, n, tuple(mismatches))
 
@@ -105,8 +116,12 @@ def verify_store(
 def _check_shard(index: int, *, dest: str, storage_options=None) -> list[tuple[str, str]]:
     record = store.read_json(dest, store.task_record_path(index), storage_options)
     if record is None:
-        return [(f"shard {index}", "not written (no task record): the conversion did not"
-                 " finish; run convert again")]
+        return [
+            (
+                f"shard {index}",
+                "not written (no task record): the conversion did not finish; run convert again",
+            )
+        ]
     fs, root = store.filesystem(dest, storage_options)
     found = []
     for key, crc in record["crc32"].items():
@@ -120,13 +135,18 @@ def _check_shard(index: int, *, dest: str, storage_options=None) -> list[tuple[s
             found.append((key, "an object exists where only fill values were written"))
             continue
         if zlib.crc32(data) != crc:
-            found.append((key, f"stored object is damaged (CRC-32 {zlib.crc32(data):08x},"
-                               f" recorded {crc:08x})"))
+            found.append(
+                (
+                    key,
+                    f"stored object is damaged (CRC-32 {zlib.crc32(data):08x}, recorded {crc:08x})",
+                )
+            )
     return found
 
 
-def _compare_task(task: ShardTask, *, dest: str, src: str, rejected_rows=(),
-                  storage_options=None) -> list[tuple[str, str]]:
+def _compare_task(
+    task: ShardTask, *, dest: str, src: str, rejected_rows=(), storage_options=None
+) -> list[tuple[str, str]]:
     """Compare one Zarr shard's samples with the source, bit for bit."""
     found = _check_shard(task.index, dest=dest, storage_options=storage_options)
     group = store.open_group(dest, storage_options, use_consolidated=False)
@@ -136,10 +156,17 @@ def _compare_task(task: ShardTask, *, dest: str, src: str, rejected_rows=(),
         try:
             stored[name] = store.read(group, name, region)
         except Exception as exc:  # a damaged object fails in the codec, whatever it is
-            found.append((chunk_object(store.array(group, name), task.index),
-                          f"stored shard cannot be decoded ({type(exc).__name__}: {exc})"))
-            stored[name] = np.full((task.n_samples, *schema.VARIABLES[name].sample_shape),
-                                   np.nan, dtype=schema.VARIABLES[name].dtype)
+            found.append(
+                (
+                    chunk_object(store.array(group, name), task.index),
+                    f"stored shard cannot be decoded ({type(exc).__name__}: {exc})",
+                )
+            )
+            stored[name] = np.full(
+                (task.n_samples, *schema.VARIABLES[name].sample_shape),
+                np.nan,
+                dtype=schema.VARIABLES[name].dtype,
+            )
     status = store.read(group, schema.STATUS, region)
     present = store.read(group, schema.RTC_PRESENT, region)
     keys = store.read(group, schema.SAMPLE_DIM, region).tolist()
@@ -178,8 +205,7 @@ def _compare_metadata(dest: str, src: str, so) -> list[Mismatch]:
             found.append(Mismatch(column, "metadata column missing from the cube"))
             continue
         try:
-            pd.testing.assert_series_equal(stored[column], original[column],
-                                           check_names=False)
+            pd.testing.assert_series_equal(stored[column], original[column], check_names=False)
         except AssertionError:
             found.append(Mismatch(column, "metadata coordinate differs from metadata.parquet"))
     return found

@@ -30,25 +30,37 @@ def decode_with_card(corpus_root: Path) -> dict[str, dict[str, np.ndarray]]:
                 if not member.name.endswith(".npz"):
                     continue
                 key = member.name.split(".", 1)[0]
-                with np.load(io.BytesIO(tar.extractfile(member).read()),
-                             allow_pickle=False) as npz:
+                with np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False) as npz:
                     out[key] = {name: npz[name] for name in npz.files}
     return out
 
 
-def cli(*args: str, fault: str | None = None, signal: str | None = None,
-        env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(
+    *args: str,
+    fault: str | None = None,
+    signal: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """Run ``nasar-zarr`` in a fresh process; ``fault`` stops it at a named point
     (SIGKILL, or ``signal``: e.g. "INT" as from Ctrl-C)."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("NASAR_ZARR_FAULT", "NASAR_ZARR_FAULT_SIGNAL")}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NASAR_ZARR_FAULT", "NASAR_ZARR_FAULT_SIGNAL")
+    }
     full_env.update(env or {})
     if fault:
         full_env["NASAR_ZARR_FAULT"] = fault
     if signal:
         full_env["NASAR_ZARR_FAULT_SIGNAL"] = signal
-    return subprocess.run([sys.executable, "-m", "nasar_zarr", *args], env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nasar_zarr", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_store_equals_source(dest: Path, corpus_root: Path, expected=None) -> None:
@@ -70,8 +82,18 @@ def assert_store_equals_source(dest: Path, corpus_root: Path, expected=None) -> 
         for name in schema.SOURCE_KEYS:
             assert back[name].tobytes() == expected[key][name].tobytes(), (key, name)
     assert (group["status"][:] == schema.STATUS_WRITTEN).all()
-    present = np.array([[[[expected[k][f"{t}_rtc_view_{v}"][p].any() for p in range(2)]
-                          for t in ("prime", "secondary")] for v in range(2)] for k in keys])
+    present = np.array(
+        [
+            [
+                [
+                    [expected[k][f"{t}_rtc_view_{v}"][p].any() for p in range(2)]
+                    for t in ("prime", "secondary")
+                ]
+                for v in range(2)
+            ]
+            for k in keys
+        ]
+    )
     np.testing.assert_array_equal(group["rtc_present"][:], present)
 
 
@@ -80,8 +102,15 @@ def small_corpus(tmp_path_factory):
     """3 uneven tar shards (11, 7, 14 samples), mixed npz compression, extra members,
     shuffled metadata rows: what anyone following only the card might write."""
     root = tmp_path_factory.mktemp("corpus")
-    info = write_corpus(root, n_shards=3, samples_per_shard=[11, 7, 14], seed=7,
-                        compressed="mixed", extra_members=True, shuffle_metadata=True)
+    info = write_corpus(
+        root,
+        n_shards=3,
+        samples_per_shard=[11, 7, 14],
+        seed=7,
+        compressed="mixed",
+        extra_members=True,
+        shuffle_metadata=True,
+    )
     return info
 
 
@@ -115,8 +144,12 @@ def dask_client():
     """A real 2-worker LocalCluster with processes."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 

@@ -19,8 +19,17 @@ DATA_VARIABLES = ("rtc", "inc_angle", "ifg", "coh", "dem", "slope_deg", "rtc_pre
 def test_importing_registers_the_accessor(cube):
     assert hasattr(xr.Dataset, "nasar")
     assert isinstance(cube.nasar, NasarAccessor)
-    for name in ("NasarAccessor", "select", "normalized", "histogram", "quantiles",
-                 "clip_and_rescale", "write_catalog", "open_cube", "metadata_table"):
+    for name in (
+        "NasarAccessor",
+        "select",
+        "normalized",
+        "histogram",
+        "quantiles",
+        "clip_and_rescale",
+        "write_catalog",
+        "open_cube",
+        "metadata_table",
+    ):
         assert name in nasar_zarr.__all__
         assert getattr(nasar_zarr, name) is not None
 
@@ -28,14 +37,15 @@ def test_importing_registers_the_accessor(cube):
 def test_methods_delegate_to_the_pure_functions(cube):
     sub = cube.isel(sample=slice(0, 4)).load()
     xr.testing.assert_identical(sub.nasar.normalized(), normalize.normalized(sub))
-    xr.testing.assert_identical(sub.nasar.normalized(dem_range=(0, 10)),
-                                normalize.normalized(sub, dem_range=(0, 10)))
+    xr.testing.assert_identical(
+        sub.nasar.normalized(dem_range=(0, 10)), normalize.normalized(sub, dem_range=(0, 10))
+    )
     xr.testing.assert_identical(sub.nasar.signatures(), signatures.signatures(sub))
     xr.testing.assert_identical(sub.nasar.wrapped_phase(), signatures.wrapped_phase(sub["ifg"]))
-    xr.testing.assert_identical(sub.nasar.histogram(bins=10),
-                                stats.histogram(sub, "rtc", bins=10))
-    xr.testing.assert_identical(sub.nasar.quantiles((0.5,), bins=100),
-                                stats.quantiles(sub, (0.5,), bins=100))
+    xr.testing.assert_identical(sub.nasar.histogram(bins=10), stats.histogram(sub, "rtc", bins=10))
+    xr.testing.assert_identical(
+        sub.nasar.quantiles((0.5,), bins=100), stats.quantiles(sub, (0.5,), bins=100)
+    )
 
 
 def test_metadata_equals_the_parquet_table(cube, table):
@@ -43,9 +53,12 @@ def test_metadata_equals_the_parquet_table(cube, table):
 
 
 def test_select_picks_the_right_samples(cube, table):
-    sub = cube.nasar.select(min_quality=0.7, require_cross_pol=True,
-                            bbox=(-140.0, 20.0, -60.0, 60.0),
-                            time=("2018-01-01", "2023-06-30T12:00:00"))
+    sub = cube.nasar.select(
+        min_quality=0.7,
+        require_cross_pol=True,
+        bbox=(-140.0, 20.0, -60.0, 60.0),
+        time=("2018-01-01", "2023-06-30T12:00:00"),
+    )
     t = table
     keep = (
         (t["quality_score"] >= 0.7)
@@ -70,15 +83,21 @@ def test_each_filter_alone(cube, table):
 
     t = table
     assert keys(cube.nasar.select()) == t[schema.KEY_COLUMN].tolist()  # all written
-    assert keys(cube.nasar.select(min_quality=0.8)) == \
-        t.loc[t["quality_score"] >= 0.8, schema.KEY_COLUMN].tolist()
-    assert keys(cube.nasar.select(require_cross_pol=True)) == \
-        t.loc[t["cross_pol_available"], schema.KEY_COLUMN].tolist()
+    assert (
+        keys(cube.nasar.select(min_quality=0.8))
+        == t.loc[t["quality_score"] >= 0.8, schema.KEY_COLUMN].tolist()
+    )
+    assert (
+        keys(cube.nasar.select(require_cross_pol=True))
+        == t.loc[t["cross_pol_available"], schema.KEY_COLUMN].tolist()
+    )
     assert len(keys(cube.nasar.select(require_cross_pol=True))) < len(t)
     # Open-ended time, time-zone-aware bounds.
     start = pd.Timestamp("2020-01-01T02:00:00+02:00")
-    assert keys(cube.nasar.select(time=(start, None))) == \
-        t.loc[t["prime_datetime"] >= start, schema.KEY_COLUMN].tolist()
+    assert (
+        keys(cube.nasar.select(time=(start, None)))
+        == t.loc[t["prime_datetime"] >= start, schema.KEY_COLUMN].tolist()
+    )
     assert cube.nasar.select(min_quality=1.5).sizes["sample"] == 0
 
 
@@ -94,12 +113,21 @@ def test_select_reads_no_array_data(small_cube, monkeypatch):
     ds = open_cube(str(small_cube), engine="zarr")  # every read through zarr's store
     reads.clear()
     with raise_if_dask_computes():  # without written_only, not even one dask compute
-        sub = ds.nasar.select(min_quality=0.6, require_cross_pol=True,
-                              bbox=(-170, 10, -50, 75), time=("2016-01-01", "2030-01-01"),
-                              written_only=False)
+        sub = ds.nasar.select(
+            min_quality=0.6,
+            require_cross_pol=True,
+            bbox=(-170, 10, -50, 75),
+            time=("2016-01-01", "2030-01-01"),
+            written_only=False,
+        )
     variables = {key.split("/", 1)[0] for key in reads}
-    assert variables == {"quality_score", "cross_pol_available", "center_lon", "center_lat",
-                         "prime_datetime"}
+    assert variables == {
+        "quality_score",
+        "cross_pol_available",
+        "center_lon",
+        "center_lat",
+        "prime_datetime",
+    }
     assert all(isinstance(sub[v].data, type(ds[v].data)) for v in DATA_VARIABLES)
 
     reads.clear()
@@ -124,17 +152,25 @@ def test_written_only_drops_pending_and_rejected(cube):
 def test_bbox_across_the_antimeridian():
     lon = np.array([179.5, -179.5, 0.0, -170.0, 170.0])
     lat = np.array([52.0, 52.0, 52.0, 52.0, 80.0])
-    ds = xr.Dataset(coords={"sample": list("abcde"), "center_lon": ("sample", lon),
-                            "center_lat": ("sample", lat)})
+    ds = xr.Dataset(
+        coords={
+            "sample": list("abcde"),
+            "center_lon": ("sample", lon),
+            "center_lat": ("sample", lat),
+        }
+    )
     out = select(ds, bbox=(170.0, 50.0, -170.0, 60.0))
     assert list(out["sample"].values) == ["a", "b", "d"]
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"bbox": (1, 2, 3)}, ValueError, "lon_min, lat_min, lon_max, lat_max"),
-    ({"bbox": (0, 10, 1, 5)}, ValueError, "lat_min"),
-    ({"time": "2020"}, ValueError, r"\(start, end\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"bbox": (1, 2, 3)}, ValueError, "lon_min, lat_min, lon_max, lat_max"),
+        ({"bbox": (0, 10, 1, 5)}, ValueError, "lat_min"),
+        ({"time": "2020"}, ValueError, r"\(start, end\)"),
+    ],
+)
 def test_select_refuses_bad_filters(cube, kwargs, error, match):
     with pytest.raises(error, match=match):
         cube.nasar.select(**kwargs)

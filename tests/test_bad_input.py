@@ -17,11 +17,11 @@ import pytest
 
 import nasar_zarr as nz
 from nasar_zarr import schema
+from nasar_zarr.api import verify
 from nasar_zarr.cli import main
 from nasar_zarr.errors import SourceError
 from nasar_zarr.store import REJECTIONS_FILE
 from nasar_zarr.testing import encode_npz, write_corpus, write_tar
-from nasar_zarr.api import verify
 from tests.conftest import decode_with_card
 
 SHARD1 = "data/nasar-train-000001.tar"
@@ -101,43 +101,71 @@ def nonfinite(arrays):
 
 
 def bomb(arrays):
-    return encode_npz({**arrays, "dem": np.zeros((80, 1024, 1024), np.float32)},
-                      compressed=True)
+    return encode_npz({**arrays, "dem": np.zeros((80, 1024, 1024), np.float32)}, compressed=True)
 
 
 # kind -> (corrupt the corpus, rejected keys, reason as reported)
 CASES = {
-    "truncated_tar": (truncate, [BAD, "nasar_000000006", "nasar_000000007"],
-                      "truncated tar: member 'nasar_000000005.npz' needs bytes up to {end:,}"
-                      " but the file has {size:,}"),
-    "corrupt_npz": (lambda r: edit_sample(r, BAD, corrupt_bytes), [BAD],
-                    "corrupt npz member: bad CRC-32 for 'prime_rtc_view_0.npy'"),
-    "pickled_array": (lambda r: edit_sample(r, BAD, pickled), [BAD],
-                      "'nasar_000000005.npz/payload.npy' holds an object array (pickled data);"
-                      " refusing to unpickle it"),
-    "wrong_shape": (lambda r: edit_sample(r, BAD, lambda a: {**a, "dem": a["dem"][:, :100]}),
-                    [BAD], "array 'dem' has shape (1, 100, 128), expected (1, 128, 128)"),
-    "wrong_dtype": (lambda r: edit_sample(r, BAD, lambda a: {**a, "dem": a["dem"].astype("f8")}),
-                    [BAD], "array 'dem' has dtype float64, expected float32"),
-    "missing_array": (lambda r: edit_sample(
-        r, BAD, lambda a: {k: v for k, v in a.items() if k != "coh_view_1"}), [BAD],
-        "missing arrays ['coh_view_1']"),
-    "duplicate_key": (duplicate, [BAD],
-                      "duplicate sample key: member 'nasar_000000005.npz' repeats it"),
-    "metadata_row_without_sample": (ghost_row, ["ghost"],
-                                    "metadata.parquet lists this sample but no tar holds it"),
-    "tar_sample_not_in_metadata": (orphan, ["stray"],
-                                   "sample is in the tar but not in metadata.parquet"),
-    "decompression_bomb": (lambda r: edit_sample(r, BAD, bomb), [BAD],
-                           "npz entry 'dem.npy' inflates to 335,544,448 bytes, over the cap of"
-                           " 67,108,864"),
+    "truncated_tar": (
+        truncate,
+        [BAD, "nasar_000000006", "nasar_000000007"],
+        "truncated tar: member 'nasar_000000005.npz' needs bytes up to {end:,}"
+        " but the file has {size:,}",
+    ),
+    "corrupt_npz": (
+        lambda r: edit_sample(r, BAD, corrupt_bytes),
+        [BAD],
+        "corrupt npz member: bad CRC-32 for 'prime_rtc_view_0.npy'",
+    ),
+    "pickled_array": (
+        lambda r: edit_sample(r, BAD, pickled),
+        [BAD],
+        "'nasar_000000005.npz/payload.npy' holds an object array (pickled data);"
+        " refusing to unpickle it",
+    ),
+    "wrong_shape": (
+        lambda r: edit_sample(r, BAD, lambda a: {**a, "dem": a["dem"][:, :100]}),
+        [BAD],
+        "array 'dem' has shape (1, 100, 128), expected (1, 128, 128)",
+    ),
+    "wrong_dtype": (
+        lambda r: edit_sample(r, BAD, lambda a: {**a, "dem": a["dem"].astype("f8")}),
+        [BAD],
+        "array 'dem' has dtype float64, expected float32",
+    ),
+    "missing_array": (
+        lambda r: edit_sample(r, BAD, lambda a: {k: v for k, v in a.items() if k != "coh_view_1"}),
+        [BAD],
+        "missing arrays ['coh_view_1']",
+    ),
+    "duplicate_key": (
+        duplicate,
+        [BAD],
+        "duplicate sample key: member 'nasar_000000005.npz' repeats it",
+    ),
+    "metadata_row_without_sample": (
+        ghost_row,
+        ["ghost"],
+        "metadata.parquet lists this sample but no tar holds it",
+    ),
+    "tar_sample_not_in_metadata": (
+        orphan,
+        ["stray"],
+        "sample is in the tar but not in metadata.parquet",
+    ),
+    "decompression_bomb": (
+        lambda r: edit_sample(r, BAD, bomb),
+        [BAD],
+        "npz entry 'dem.npy' inflates to 335,544,448 bytes, over the cap of 67,108,864",
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("pristine"), n_shards=2, samples_per_shard=4,
-                        seed=13)
+    return write_corpus(
+        tmp_path_factory.mktemp("pristine"), n_shards=2, samples_per_shard=4, seed=13
+    )
 
 
 @pytest.fixture
@@ -173,8 +201,9 @@ def test_raise_names_shard_and_key_and_keeps_what_was_written(broken, tmp_path, 
 def test_skip_rejects_bad_samples_and_keeps_good_ones_bit_exact(broken, tmp_path, capsys):
     kind, root, good, keys, reason = broken
     dest = tmp_path / "cube.zarr"
-    code = main(["convert", str(root), str(dest), "--shard", "4", "--workers", "0",
-                 "--on-error", "skip"])
+    code = main(
+        ["convert", str(root), str(dest), "--shard", "4", "--workers", "0", "--on-error", "skip"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     ds = nz.open_cube(str(dest)).load()
@@ -212,8 +241,9 @@ def test_nonfinite_values_are_reported_and_stored_as_they_are(pristine, tmp_path
     assert f"non-finite values kept as they are in {SHARD1}: {BAD!r}: {{'coh_view_0': 3}}" in out
     report = json.loads((dest / REJECTIONS_FILE).read_text())
     assert report["rejected"] == []
-    assert report["nonfinite"] == [{"shard": SHARD1, "key": BAD, "row": 5,
-                                    "nonfinite_values": {"coh_view_0": 3}}]
+    assert report["nonfinite"] == [
+        {"shard": SHARD1, "key": BAD, "row": 5, "nonfinite_values": {"coh_view_0": 3}}
+    ]
     coh = nz.open_cube(str(dest)).coh.sel(sample=BAD, view=0).values
     assert np.isnan(coh[0, 0]) and coh[0, 1] == np.inf and coh[0, 2] == -np.inf
     assert int(nz.open_cube(str(dest)).status.sel(sample=BAD)) == schema.STATUS_WRITTEN
@@ -221,16 +251,29 @@ def test_nonfinite_values_are_reported_and_stored_as_they_are(pristine, tmp_path
 
 def test_oversized_tar_member_under_both_policies(pristine, tmp_path, capsys):
     dest = tmp_path / "cube.zarr"
-    code = main(["convert", str(pristine.root), str(dest), "--shard", "4", "--workers", "0",
-                 "--max-member-mb", "1"])
+    code = main(
+        [
+            "convert",
+            str(pristine.root),
+            str(dest),
+            "--shard",
+            "4",
+            "--workers",
+            "0",
+            "--max-member-mb",
+            "1",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.startswith(
         "nasar-zarr convert: error: data/nasar-train-000000.tar: sample 'nasar_000000000':"
-        " member 'nasar_000000000.npz' is 1,18")
+        " member 'nasar_000000000.npz' is 1,18"
+    )
     with pytest.raises(SourceError):
         nz.plan_conversion(str(pristine.root), str(dest), max_member_bytes=2**20)
-    plan = nz.plan_conversion(str(pristine.root), str(dest), max_member_bytes=2**20,
-                              on_error="skip", shard=4)
+    plan = nz.plan_conversion(
+        str(pristine.root), str(dest), max_member_bytes=2**20, on_error="skip", shard=4
+    )
     assert len(plan.rejected) == 8
     ds = plan.execute(workers=0)
     np.testing.assert_array_equal(ds.status.values, schema.STATUS_REJECTED)

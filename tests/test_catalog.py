@@ -21,6 +21,7 @@ from nasar_zarr.testing.dask import raise_if_dask_computes
 
 CATALOG = Path(__file__).resolve().parents[1] / "catalogs" / "nasar.yaml"
 
+
 def _same_cube(opened: xr.Dataset, cube: xr.Dataset) -> None:
     assert dict(opened.sizes) == dict(cube.sizes)
     assert set(opened.data_vars) == set(cube.data_vars)
@@ -41,8 +42,7 @@ def test_static_catalog_opens_a_store_given_by_url(small_cube, cube):
     # The accessor works on what the catalog returns.
     with raise_if_dask_computes():
         norm = ds.nasar.normalized()
-    np.testing.assert_array_equal(norm["slope"].values,
-                                  cube.nasar.slope_normalized().values)
+    np.testing.assert_array_equal(norm["slope"].values, cube.nasar.slope_normalized().values)
 
 
 def test_static_catalog_default_url_from_environment(small_cube, cube, monkeypatch):
@@ -117,8 +117,13 @@ def test_opening_the_catalog_prints_no_warning(small_cube, tmp_path):
         "print('ok')\n"
     )
     env = {**os.environ, "NASAR_ZARR_URL": str(small_cube)}
-    res = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
-                         text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == "ok\n"
     assert res.stderr == ""

@@ -15,8 +15,9 @@ from tests.conftest import assert_store_equals_source, cli
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("cli-corpus"), n_shards=2,
-                        samples_per_shard=[5, 6], seed=13)
+    return write_corpus(
+        tmp_path_factory.mktemp("cli-corpus"), n_shards=2, samples_per_shard=[5, 6], seed=13
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def one_line_error(result: subprocess.CompletedProcess, command: str) -> str:
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     prefix = f"nasar-zarr {command}: error: "
     assert result.stderr.startswith(prefix), result.stderr
-    return result.stderr[len(prefix):].rstrip("\n")
+    return result.stderr[len(prefix) :].rstrip("\n")
 
 
 def test_no_such_path(corpus, tmp_path):
@@ -41,25 +42,30 @@ def test_no_such_path(corpus, tmp_path):
     assert result.stdout == ""  # refused before any plan is printed
     for command in ("info", "verify"):
         assert one_line_error(cli(command, str(missing)), command) == (
-            f"{missing}: no such file or directory")
+            f"{missing}: no such file or directory"
+        )
 
 
 @pytest.mark.parametrize("command", ["info", "verify", "append", "catalog"])
 def test_a_directory_that_is_not_a_cube(command, corpus, not_a_cube, tmp_path):
-    args = {"info": ["info", str(not_a_cube)],
-            "verify": ["verify", str(corpus.root), str(not_a_cube)],
-            "append": ["append", str(corpus.root), str(not_a_cube)],
-            "catalog": ["catalog", str(not_a_cube), "-o", str(tmp_path / "c.yaml")]}[command]
+    args = {
+        "info": ["info", str(not_a_cube)],
+        "verify": ["verify", str(corpus.root), str(not_a_cube)],
+        "append": ["append", str(corpus.root), str(not_a_cube)],
+        "catalog": ["catalog", str(not_a_cube), "-o", str(tmp_path / "c.yaml")],
+    }[command]
     assert one_line_error(cli(*args), command) == (
         f"{not_a_cube}: not a nasar-zarr cube (no Zarr v3 group with 'nasar_zarr' provenance);"
-        " make one with `nasar-zarr convert SRC DEST`")
+        " make one with `nasar-zarr convert SRC DEST`"
+    )
 
 
 def test_convert_refuses_foreign_content_before_printing_the_plan(corpus, not_a_cube):
     result = cli("convert", str(corpus.root), str(not_a_cube), "--workers", "0")
     assert one_line_error(result, "convert") == (
         f"{not_a_cube} exists and is not a nasar-zarr cube; refusing to write into it"
-        " (choose an empty or new destination)")
+        " (choose an empty or new destination)"
+    )
     assert result.stdout == ""
     assert sorted(p.name for p in not_a_cube.iterdir()) == ["notes.txt"]
 
@@ -68,7 +74,8 @@ def test_permission_denied(corpus):
     # Tests run as root, so a read-only filesystem stands in for a directory we may not write.
     result = cli("convert", str(corpus.root), "/sys/nasar.zarr", "--workers", "0")
     assert one_line_error(result, "convert") == (
-        "permission denied: /sys/nasar.zarr: cannot write in /sys (Operation not permitted)")
+        "permission denied: /sys/nasar.zarr: cannot write in /sys (Operation not permitted)"
+    )
     assert result.stdout == ""
 
 
@@ -76,11 +83,17 @@ def test_bad_options_are_refused_before_any_io(tmp_path):
     missing = str(tmp_path / "nope")
     assert one_line_error(cli("convert", missing, "d", "--codec", "lzma"), "convert") == (
         "argument --codec: invalid choice: 'lzma' (choose from 'blosc-lz4', 'blosc-zstd',"
-        " 'zstd', 'none')")
-    assert one_line_error(cli("convert", missing, "d", "--shard", "10", "--inner-chunk", "4"),
-                          "convert") == "shard (10) must be a multiple of inner_chunk (4)"
+        " 'zstd', 'none')"
+    )
+    assert (
+        one_line_error(
+            cli("convert", missing, "d", "--shard", "10", "--inner-chunk", "4"), "convert"
+        )
+        == "shard (10) must be a multiple of inner_chunk (4)"
+    )
     assert one_line_error(cli("info", "d", "--storage-options", "{bad"), "info").startswith(
-        "argument --storage-options: not valid JSON")
+        "argument --storage-options: not valid JSON"
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -93,26 +106,46 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_s3_url_without_the_s3_extra(tmp_path):
     # s3fs is installed here; a process where importing it fails is what a user without
     # the extra has.
-    code = ("import sys; sys.modules['s3fs'] = None; from nasar_zarr.cli import main;"
-            f" sys.exit(main(['convert', 's3://bucket/release', '{tmp_path / 'c.zarr'}']))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import sys; sys.modules['s3fs'] = None; from nasar_zarr.cli import main;"
+        f" sys.exit(main(['convert', 's3://bucket/release', '{tmp_path / 'c.zarr'}']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert one_line_error(result, "convert") == (
-        "s3:// URLs need s3fs, which is not installed: pip install 'nasar-zarr[s3]'")
+        "s3:// URLs need s3fs, which is not installed: pip install 'nasar-zarr[s3]'"
+    )
 
 
 def test_missing_credentials(s3_server, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
-               AWS_CONFIG_FILE="/nonexistent")
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+        AWS_CONFIG_FILE="/nonexistent",
+    )
     options = f'{{"endpoint_url": "{s3_server["endpoint_url"]}"}}'
     result = subprocess.run(
-        [sys.executable, "-m", "nasar_zarr", "convert", "s3://no-creds/release",
-         str(tmp_path / "c.zarr"), "--storage-options", options],
-        env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "nasar_zarr",
+            "convert",
+            "s3://no-creds/release",
+            str(tmp_path / "c.zarr"),
+            "--storage-options",
+            options,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one_line_error(result, "convert") == (
         "Unable to locate credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a"
-        ' profile), or pass --storage-options \'{"anon": true}\' for a public bucket')
+        " profile), or pass --storage-options '{\"anon\": true}' for a public bucket"
+    )
 
 
 def test_ctrl_c_exits_130_releases_the_lock_and_a_rerun_resumes(corpus, tmp_path):
@@ -122,7 +155,8 @@ def test_ctrl_c_exits_130_releases_the_lock_and_a_rerun_resumes(corpus, tmp_path
     assert interrupted.returncode == 130
     assert interrupted.stderr.splitlines()[-1] == (
         "nasar-zarr convert: interrupted; the store's lock is released, run the same command"
-        " again to resume")
+        " again to resume"
+    )
     assert not (dest / store.LOCK_FILE).exists()
     assert sorted(p.name for p in (dest / store.TASKS_DIR).iterdir()) == ["000000.json"]
     first = (dest / store.task_record_path(0)).read_bytes()
@@ -135,5 +169,5 @@ def test_ctrl_c_exits_130_releases_the_lock_and_a_rerun_resumes(corpus, tmp_path
 def test_storage_options_must_be_an_object():
     result = cli("info", "x", "--storage-options", "[1, 2]")
     assert one_line_error(result, "info") == (
-        "argument --storage-options: must be a JSON object, e.g. '{\"anon\": true}'")
-
+        "argument --storage-options: must be a JSON object, e.g. '{\"anon\": true}'"
+    )

@@ -19,8 +19,12 @@ SHAPES = [(1, 2), (2, 2), (2, 1)]  # (workers, threads per worker)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """264 samples in 4 uneven tars: 33 Zarr shards of 8, so every worker runs many tasks."""
-    return write_corpus(tmp_path_factory.mktemp("cluster-corpus"), n_shards=4,
-                        samples_per_shard=[70, 61, 64, 69], seed=9)
+    return write_corpus(
+        tmp_path_factory.mktemp("cluster-corpus"),
+        n_shards=4,
+        samples_per_shard=[70, 61, 64, 69],
+        seed=9,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +37,23 @@ def cluster(request):
     from distributed import LocalCluster
 
     workers, threads = request.param
-    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                      dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=":0"
+    ) as cluster:
         yield cluster
 
 
 def test_convert_through_scheduler(cluster, corpus, expected, tmp_path):
     dest = tmp_path / "cube.zarr"
-    result = cli("convert", str(corpus.root), str(dest), "--shard", "8",
-                 "--scheduler", cluster.scheduler_address)
+    result = cli(
+        "convert",
+        str(corpus.root),
+        str(dest),
+        "--shard",
+        "8",
+        "--scheduler",
+        cluster.scheduler_address,
+    )
     assert result.returncode == 0, result.stderr
     assert "tasks:     33 (one per Zarr shard; one writer each)" in result.stdout
     assert "done: 264 written, 0 rejected, 0 pending" in result.stdout

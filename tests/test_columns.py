@@ -262,16 +262,34 @@ def test_convert_takes_columns_by_name(tmp_path):
     assert wrong.returncode == 2 and wrong.stdout == ""
     assert wrong.stderr.startswith(
         "nasar-zarr convert: error: the lat column 'nope' is not in the metadata table;"
-        " its columns are ['sample_key', ")
-    result = cli("convert", str(root), str(dest), "--workers", "0", "--lat-column", "patch_y",
-                 "--lon-column", "patch_x", "--time-column", "t_ref")
+        " its columns are ['sample_key', "
+    )
+    result = cli(
+        "convert",
+        str(root),
+        str(dest),
+        "--workers",
+        "0",
+        "--lat-column",
+        "patch_y",
+        "--lon-column",
+        "patch_x",
+        "--time-column",
+        "t_ref",
+    )
     assert result.returncode == 0, result.stderr
     ds = open_cube(str(dest))
     assert (ds.cf["latitude"].name, ds.cf["longitude"].name, ds.cf["time"].name) == (
-        "patch_y", "patch_x", "t_ref")
+        "patch_y",
+        "patch_x",
+        "t_ref",
+    )
     recorded = json.loads(ds.attrs["nasar_columns"])
     assert {k: recorded[k] for k in ("lat", "lon", "time")} == {
-        "lat": "patch_y", "lon": "patch_x", "time": "t_ref"}
+        "lat": "patch_y",
+        "lon": "patch_x",
+        "time": "t_ref",
+    }
 
 
 def test_select_uses_the_recorded_roles(renamed_cube):

@@ -32,16 +32,32 @@ def assert_cube_equals_source(ds: xr.Dataset, corpus_root) -> None:
         for name in schema.SOURCE_KEYS:
             assert back[name].tobytes() == expected[key][name].tobytes(), (key, name)
     np.testing.assert_array_equal(ds.status.values, schema.STATUS_WRITTEN)
-    present = np.array([[[[expected[k][f"{t}_rtc_view_{v}"][p].any() for p in range(2)]
-                          for t in ("prime", "secondary")] for v in range(2)]
-                        for k in ds.sample.values.tolist()])
+    present = np.array(
+        [
+            [
+                [
+                    [expected[k][f"{t}_rtc_view_{v}"][p].any() for p in range(2)]
+                    for t in ("prime", "secondary")
+                ]
+                for v in range(2)
+            ]
+            for k in ds.sample.values.tolist()
+        ]
+    )
     np.testing.assert_array_equal(ds.rtc_present.values, present)
 
 
 def test_small_cube_is_bit_exact(small_cube, small_corpus):
     ds = nz.open_cube(str(small_cube))
-    assert dict(ds.sizes) == {"sample": 32, "view": 2, "time": 2, "pol": 2, "component": 2,
-                              "y": 128, "x": 128}
+    assert dict(ds.sizes) == {
+        "sample": 32,
+        "view": 2,
+        "time": 2,
+        "pol": 2,
+        "component": 2,
+        "y": 128,
+        "x": 128,
+    }
     assert_cube_equals_source(ds, small_corpus.root)
 
 
@@ -75,7 +91,8 @@ def test_open_cube_chunks_are_whole_shards_alike(small_cube):
     ds = nz.open_cube(str(small_cube))
     # Whole shards (here one per chunk: 4 chunks is far below the cap), alike for all.
     assert {name: var.data.chunks[0] for name, var in ds.data_vars.items()} == {
-        name: (8, 8, 8, 8) for name in ds.data_vars}
+        name: (8, 8, 8, 8) for name in ds.data_vars
+    }
     assert dict(ds.chunks)["sample"] == (8, 8, 8, 8)
     by_shard = nz.open_cube(str(small_cube), chunks=16)
     assert dict(by_shard.chunks)["sample"] == (16, 16)
@@ -96,14 +113,16 @@ def test_every_metadata_column_is_a_coordinate(small_cube, small_corpus):
 def test_tensorstore_reads_rtc_bit_exact(small_cube):
     import tensorstore as ts
 
-    arr = ts.open({"driver": "zarr3",
-                   "kvstore": {"driver": "file", "path": str(small_cube / "rtc")}}).result()
+    arr = ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(small_cube / "rtc")}}
+    ).result()
     got = arr.read().result()
     ds = xr.open_zarr(str(small_cube))
     assert got.tobytes() == ds.rtc.values.tobytes()
     for name in ["dem", "ifg", "inc_angle", "coh", "slope_deg", "status", "rtc_present"]:
-        ts.open({"driver": "zarr3",
-                 "kvstore": {"driver": "file", "path": str(small_cube / name)}}).result()
+        ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(small_cube / name)}}
+        ).result()
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +130,22 @@ def awkward_corpus(tmp_path_factory):
     """Uneven shards, shuffled rows, mixed npz, extra members, npy members in one shard,
     and metadata columns of mixed types including nullable ints and tz-aware times."""
     root = tmp_path_factory.mktemp("awkward")
-    info = write_corpus(root, n_shards=3, samples_per_shard=[5, 9, 4], seed=5,
-                        compressed="mixed", extra_members=True, shuffle_metadata=True)
+    info = write_corpus(
+        root,
+        n_shards=3,
+        samples_per_shard=[5, 9, 4],
+        seed=5,
+        compressed="mixed",
+        extra_members=True,
+        shuffle_metadata=True,
+    )
     table = pq.read_table(root / "metadata.parquet").to_pandas()
     n = len(table)
     table["revisit_days"] = pd.array([None if i % 3 == 0 else i for i in range(n)], "Int64")
-    table["is_coastal"] = pd.array([None if i % 4 == 0 else i % 2 == 0 for i in range(n)],
-                                   "boolean")
-    table["processed_at"] = pd.date_range("2025-01-01", periods=n, freq="h",
-                                          tz="America/Chicago")
+    table["is_coastal"] = pd.array(
+        [None if i % 4 == 0 else i % 2 == 0 for i in range(n)], "boolean"
+    )
+    table["processed_at"] = pd.date_range("2025-01-01", periods=n, freq="h", tz="America/Chicago")
     table["land_cover"] = pd.Categorical(["forest", "crop", None][i % 3] for i in range(n))
     table["note"] = pd.array([None if i % 5 == 0 else f"n{i}" for i in range(n)], "string")
     table["bursts"] = [[i, i + 1] for i in range(n)]
@@ -130,8 +156,22 @@ def awkward_corpus(tmp_path_factory):
 def test_cli_convert_awkward_corpus_on_cluster(awkward_corpus, tmp_path, dask_client, capsys):
     dest = tmp_path / "cube.zarr"
     address = dask_client.scheduler.address
-    assert main(["convert", str(awkward_corpus.root), str(dest), "--shard", "4",
-                 "--inner-chunk", "2", "--scheduler", address]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(awkward_corpus.root),
+                str(dest),
+                "--shard",
+                "4",
+                "--inner-chunk",
+                "2",
+                "--scheduler",
+                address,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "done: 18 written, 0 rejected, 0 pending" in out
     ds = nz.open_cube(str(dest))
@@ -146,8 +186,9 @@ def test_cli_convert_awkward_corpus_on_cluster(awkward_corpus, tmp_path, dask_cl
 
 def test_cube_smaller_than_one_shard(tmp_path):
     corpus = write_corpus(tmp_path / "c", n_shards=1, samples_per_shard=5, seed=9)
-    ds = nz.plan_conversion(str(corpus.root), str(tmp_path / "c.zarr"), shard=8,
-                            inner_chunk=2).execute(workers=0)
+    ds = nz.plan_conversion(
+        str(corpus.root), str(tmp_path / "c.zarr"), shard=8, inner_chunk=2
+    ).execute(workers=0)
     assert ds.rtc.data.chunks[0] == (5,)
     assert_cube_equals_source(ds, corpus.root)
     group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
@@ -159,8 +200,7 @@ def test_cube_smaller_than_one_shard(tmp_path):
 
 def test_npy_member_layout_converts(tmp_path):
     corpus = write_corpus(tmp_path / "c", n_shards=2, samples_per_shard=3, seed=2, layout="npy")
-    ds = nz.plan_conversion(str(corpus.root), str(tmp_path / "c.zarr"), shard=4).execute(
-        workers=0)
+    ds = nz.plan_conversion(str(corpus.root), str(tmp_path / "c.zarr"), shard=4).execute(workers=0)
     assert_cube_equals_source_npy(ds, corpus)
 
 
@@ -185,15 +225,20 @@ def test_local_cluster_with_two_processes(small_corpus, tmp_path):
 def test_s3_round_trip(small_corpus, s3_server, tmp_path):
     import s3fs
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint_url"]},
-                           key="testing", secret="testing")
+    fs = s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": s3_server["endpoint_url"]}, key="testing", secret="testing"
+    )
     fs.mkdir("nasar-src")
     fs.mkdir("nasar-dst")
     fs.put(str(small_corpus.root) + "/", "nasar-src/corpus/", recursive=True)
-    options = {"client_kwargs": {"endpoint_url": s3_server["endpoint_url"]},
-               "key": "testing", "secret": "testing"}
-    plan = nz.plan_conversion("s3://nasar-src/corpus", "s3://nasar-dst/nasar.zarr", shard=8,
-                              storage_options=options)
+    options = {
+        "client_kwargs": {"endpoint_url": s3_server["endpoint_url"]},
+        "key": "testing",
+        "secret": "testing",
+    }
+    plan = nz.plan_conversion(
+        "s3://nasar-src/corpus", "s3://nasar-dst/nasar.zarr", shard=8, storage_options=options
+    )
     assert plan.n_samples == 32
     plan.execute(workers=0)
     ds = nz.open_cube("s3://nasar-dst/nasar.zarr", storage_options=options)
@@ -206,8 +251,21 @@ def test_s3_round_trip(small_corpus, s3_server, tmp_path):
 
 def test_cli_dry_run_and_info(small_corpus, small_cube, tmp_path, capsys):
     plan_file = tmp_path / "plan.json"
-    assert main(["convert", str(small_corpus.root), str(tmp_path / "x.zarr"), "--dry-run",
-                 "--shard", "8", "--plan-json", str(plan_file)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(small_corpus.root),
+                str(tmp_path / "x.zarr"),
+                "--dry-run",
+                "--shard",
+                "8",
+                "--plan-json",
+                str(plan_file),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tasks:     4 (one per Zarr shard; one writer each)" in out
     assert not (tmp_path / "x.zarr").exists()
@@ -228,6 +286,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1
     assert err.startswith("nasar-zarr convert: error: ")
     assert err == f"nasar-zarr convert: error: {tmp_path / 'nowhere'}: no such file or directory\n"
-    assert main(["convert", str(tmp_path), str(tmp_path / "x.zarr"), "--shard", "10",
-                 "--inner-chunk", "3"]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path),
+                str(tmp_path / "x.zarr"),
+                "--shard",
+                "10",
+                "--inner-chunk",
+                "3",
+            ]
+        )
+        == 2
+    )
     assert "shard (10) must be a multiple of inner_chunk (3)" in capsys.readouterr().err

@@ -37,15 +37,17 @@ def _top_level_imports(path: Path) -> set[str]:
 
 def test_no_import_cycles():
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {name: {m for m in _top_level_imports(path) if m in modules and m != name}
-             for name, path in modules.items()}
+    graph = {
+        name: {m for m in _top_level_imports(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
     assert not any("nasar_zarr" in deps for deps in graph.values())  # __init__ only re-exports
     done: set[str] = set()
     stack: list[str] = []
 
     def visit(name: str) -> None:
         if name in stack:
-            cycle = stack[stack.index(name):] + [name]
+            cycle = stack[stack.index(name) :] + [name]
             raise AssertionError("import cycle: " + " -> ".join(cycle))
         if name in done:
             return

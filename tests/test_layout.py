@@ -15,8 +15,9 @@ from tests.conftest import cli
 
 
 def _snapshot(root):
-    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -45,9 +46,11 @@ def test_resume_refuses_a_tar_rewritten_after_the_first_task(corpus, tmp_path):
     assert result.stdout == ""
     assert result.stderr.startswith(
         f"nasar-zarr convert: error: {corpus.root / path}: changed since the cube at {dest} was"
-        " made from it (modified ")
+        " made from it (modified "
+    )
     assert result.stderr.endswith(
-        "; restore the tar, or convert into a new destination (or --overwrite)\n")
+        "; restore the tar, or convert into a new destination (or --overwrite)\n"
+    )
     assert result.stderr.count("\n") == 1
     assert _snapshot(dest) == before  # nothing written, not even a lock
 
@@ -79,8 +82,7 @@ def test_object_store_changes_are_seen_by_etag(small_corpus, s3_server, tmp_path
     fs.mkdir("etag-src")
     fs.put(str(small_corpus.root) + "/", "etag-src/corpus/", recursive=True)
     src = "s3://etag-src/corpus"
-    plan = nz.plan_conversion(src, str(tmp_path / "cube.zarr"), shard=8,
-                              storage_options=s3_server)
+    plan = nz.plan_conversion(src, str(tmp_path / "cube.zarr"), shard=8, storage_options=s3_server)
     first = plan.tar_shards[0]
     assert first.etag and first.size == (small_corpus.root / first.path).stat().st_size
     data = fs.cat_file(f"etag-src/corpus/{first.path}")

@@ -58,18 +58,27 @@ def test_lock_refuses_a_live_holder_and_is_released(tmp_path):
         held = store.read_json(dest, store.LOCK_FILE)
         assert held["token"] == token and held["pid"] == os.getpid()
         # The same process cannot take it twice either: one writer, whoever it is.
-        with pytest.raises(StoreLockedError, match=r"holds the lock; wait for it"), \
-                store_lock(dest):
+        with (
+            pytest.raises(StoreLockedError, match=r"holds the lock; wait for it"),
+            store_lock(dest),
+        ):
             pass
     assert store.read_json(dest, store.LOCK_FILE) is None
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dest = str(tmp_path / "cube.zarr")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    store.write_json(dest, store.LOCK_FILE, {"host": socket.gethostname(),
-                                             "pid": int(dead.stdout), "token": "old"})
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    store.write_json(
+        dest,
+        store.LOCK_FILE,
+        {"host": socket.gethostname(), "pid": int(dead.stdout), "token": "old"},
+    )
     with store_lock(dest) as token:
         assert store.read_json(dest, store.LOCK_FILE)["token"] == token != "old"
 
@@ -77,16 +86,29 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 def test_two_converters_at_once_exactly_one_proceeds(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_shards=2, samples_per_shard=[5, 6], seed=5)
     dest = tmp_path / "cube.zarr"
-    args = [sys.executable, "-m", "nasar_zarr", "convert", str(corpus.root), str(dest),
-            "--shard", "4", "--workers", "0"]
+    args = [
+        sys.executable,
+        "-m",
+        "nasar_zarr",
+        "convert",
+        str(corpus.root),
+        str(dest),
+        "--shard",
+        "4",
+        "--workers",
+        "0",
+    ]
     # Whoever takes the lock stops itself (SIGSTOP) right after, still holding it,
     # so the other one meets a live holder whatever the interleaving.
     env = {**os.environ, "NASAR_ZARR_FAULT": "skeleton", "NASAR_ZARR_FAULT_SIGNAL": "STOP"}
-    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     try:
-        states = {p.pid: os.waitid(os.P_PID, p.pid, os.WEXITED | os.WSTOPPED | os.WNOWAIT)
-                  for p in procs}
+        states = {
+            p.pid: os.waitid(os.P_PID, p.pid, os.WEXITED | os.WSTOPPED | os.WNOWAIT) for p in procs
+        }
         stopped = [p for p in procs if states[p.pid].si_code == os.CLD_STOPPED]
         refused = [p for p in procs if states[p.pid].si_code == os.CLD_EXITED]
         assert len(stopped) == 1 and len(refused) == 1

@@ -13,25 +13,37 @@ from nasar_zarr.errors import MetadataError
 
 def awkward_frame(n: int = 6) -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    return pd.DataFrame({
-        "text_with_missing": pd.array(["a", None, "", "<NA>", "ü", "x"][:n], dtype="string"),
-        "py_str": pd.Series(["p", "q", "r", "s", "t", "u"][:n], dtype="str"),
-        "nullable_int": pd.array([1, None, -3, 2**40, 0, None][:n], dtype="Int64"),
-        "nullable_small": pd.array([1, 2, None, 4, 5, 6][:n], dtype="Int16"),
-        "nullable_bool": pd.array([True, None, False, True, None, False][:n], dtype="boolean"),
-        "when_utc": pd.to_datetime(["2020-01-01T00:00:00.123456", None, "2021-06-01",
-                                    "2022-01-01", "2023-01-01", "2024-02-29"][:n], utc=True,
-                                   format="ISO8601"),
-        "when_local": pd.date_range("2020-03-01", periods=n, freq="37min",
-                                    tz="America/Denver", unit="ns"),
-        "naive": pd.date_range("2020-01-01", periods=n, freq="D", unit="s"),
-        "category": pd.Categorical(["asc", "desc", None, "asc", "desc", "asc"][:n]),
-        "lists": [[1, 2], [], None, [3], [4, 5, 6], [7]][:n],
-        "floats": rng.random(n).astype("float32"),
-        "float_nan": [1.5, np.nan, 2.5, 3.0, np.nan, 0.0][:n],
-        "ints": np.arange(n, dtype="uint16"),
-        "flags": np.arange(n) % 2 == 0,
-    })
+    return pd.DataFrame(
+        {
+            "text_with_missing": pd.array(["a", None, "", "<NA>", "ü", "x"][:n], dtype="string"),
+            "py_str": pd.Series(["p", "q", "r", "s", "t", "u"][:n], dtype="str"),
+            "nullable_int": pd.array([1, None, -3, 2**40, 0, None][:n], dtype="Int64"),
+            "nullable_small": pd.array([1, 2, None, 4, 5, 6][:n], dtype="Int16"),
+            "nullable_bool": pd.array([True, None, False, True, None, False][:n], dtype="boolean"),
+            "when_utc": pd.to_datetime(
+                [
+                    "2020-01-01T00:00:00.123456",
+                    None,
+                    "2021-06-01",
+                    "2022-01-01",
+                    "2023-01-01",
+                    "2024-02-29",
+                ][:n],
+                utc=True,
+                format="ISO8601",
+            ),
+            "when_local": pd.date_range(
+                "2020-03-01", periods=n, freq="37min", tz="America/Denver", unit="ns"
+            ),
+            "naive": pd.date_range("2020-01-01", periods=n, freq="D", unit="s"),
+            "category": pd.Categorical(["asc", "desc", None, "asc", "desc", "asc"][:n]),
+            "lists": [[1, 2], [], None, [3], [4, 5, 6], [7]][:n],
+            "floats": rng.random(n).astype("float32"),
+            "float_nan": [1.5, np.nan, 2.5, 3.0, np.nan, 0.0][:n],
+            "ints": np.arange(n, dtype="uint16"),
+            "flags": np.arange(n) % 2 == 0,
+        }
+    )
 
 
 def roundtrip(df: pd.DataFrame) -> pd.DataFrame:
@@ -58,11 +70,20 @@ def test_encodings_are_recorded():
     encoded = meta.encode_table(table)
     kinds = {name: attrs[meta.ENCODING_ATTR] for name, (_, attrs) in encoded.items()}
     assert kinds == {
-        "text_with_missing": "string", "py_str": "string", "nullable_int": "nullable_int",
-        "nullable_small": "nullable_int", "nullable_bool": "nullable_bool",
-        "when_utc": "timestamp", "when_local": "timestamp", "naive": "timestamp",
-        "category": "string", "lists": "json", "floats": "native", "float_nan": "native",
-        "ints": "native", "flags": "native",
+        "text_with_missing": "string",
+        "py_str": "string",
+        "nullable_int": "nullable_int",
+        "nullable_small": "nullable_int",
+        "nullable_bool": "nullable_bool",
+        "when_utc": "timestamp",
+        "when_local": "timestamp",
+        "naive": "timestamp",
+        "category": "string",
+        "lists": "json",
+        "floats": "native",
+        "float_nan": "native",
+        "ints": "native",
+        "flags": "native",
     }
     values, attrs = encoded["text_with_missing"]
     assert attrs["nasar_missing"] == "<NA>~"  # "<NA>" is a real value in this column

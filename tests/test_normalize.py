@@ -37,8 +37,15 @@ def card_relief(dem, lo_pct=5.0, hi_pct=95.0):
     return (np.clip(dem, lo, hi) - lo) / (hi - lo)
 
 
-def card_sample(arrays, *, gain=20.0, rtc_ranges=None, dem_range=(-100.0, 4000.0),
-                relief=(5.0, 95.0), slope_range=(0.0, 45.0)):
+def card_sample(
+    arrays,
+    *,
+    gain=20.0,
+    rtc_ranges=None,
+    dem_range=(-100.0, 4000.0),
+    relief=(5.0, 95.0),
+    slope_range=(0.0, 45.0),
+):
     """A sample's 12 source arrays -> normalized arrays laid out as the cube's variables."""
     ranges = rtc_ranges or {"co": (0.15, 2.39), "cross": (0.01, 1.09)}
     rtc = np.empty((2, 2, 2, 128, 128))
@@ -101,8 +108,7 @@ def test_same_coordinates_and_cited_attrs(cube, computed):
     assert computed["rtc"].dims == cube["rtc"].dims
     assert computed["dem_relief"].dims == cube["dem"].dims
     np.testing.assert_array_equal(computed["sample"].values, cube["sample"].values)
-    np.testing.assert_array_equal(computed["quality_score"].values,
-                                  cube["quality_score"].values)
+    np.testing.assert_array_equal(computed["quality_score"].values, cube["quality_score"].values)
     for name in ("rtc", "dem", "dem_relief", "slope"):
         attrs = computed[name].attrs
         assert attrs["units"] == "1" and attrs["long_name"]
@@ -114,8 +120,12 @@ def test_same_coordinates_and_cited_attrs(cube, computed):
 def test_everything_stays_lazy(cube):
     with raise_if_dask_computes():
         out = cube.nasar.normalized()
-        pieces = [cube.nasar.rtc_normalized(), cube.nasar.dem_normalized(),
-                  cube.nasar.dem_relief(), cube.nasar.slope_normalized()]
+        pieces = [
+            cube.nasar.rtc_normalized(),
+            cube.nasar.dem_normalized(),
+            cube.nasar.dem_relief(),
+            cube.nasar.slope_normalized(),
+        ]
     for var in [*out.data_vars.values(), *pieces]:
         assert isinstance(var.data, da.Array), var.name
         # dask chunks stay one Zarr shard along sample
@@ -126,10 +136,8 @@ def test_pieces_equal_the_dataset(cube, computed):
     sub = cube.isel(sample=slice(0, 6))
     np.testing.assert_array_equal(sub.nasar.rtc_normalized().values, computed["rtc"][:6].values)
     np.testing.assert_array_equal(sub.nasar.dem_normalized().values, computed["dem"][:6].values)
-    np.testing.assert_array_equal(sub.nasar.dem_relief().values,
-                                  computed["dem_relief"][:6].values)
-    np.testing.assert_array_equal(sub.nasar.slope_normalized().values,
-                                  computed["slope"][:6].values)
+    np.testing.assert_array_equal(sub.nasar.dem_relief().values, computed["dem_relief"][:6].values)
+    np.testing.assert_array_equal(sub.nasar.slope_normalized().values, computed["slope"][:6].values)
 
 
 def test_numpy_and_dask_alike(cube, computed):
@@ -141,19 +149,25 @@ def test_numpy_and_dask_alike(cube, computed):
 
 
 def test_ranges_are_configurable(cube, raw, keys):
-    options = {"gain": 10.0, "rtc_ranges": {"co": (0.0, 3.0), "cross": (0.05, 0.8)},
-               "dem_range": (0.0, 2000.0), "relief": (10.0, 90.0), "slope_range": (5.0, 30.0)}
+    options = {
+        "gain": 10.0,
+        "rtc_ranges": {"co": (0.0, 3.0), "cross": (0.05, 0.8)},
+        "dem_range": (0.0, 2000.0),
+        "relief": (10.0, 90.0),
+        "slope_range": (5.0, 30.0),
+    }
     sub = cube.isel(sample=slice(0, 10))
     got = sub.nasar.normalized(
-        rtc_gain=options["gain"], rtc_ranges=options["rtc_ranges"],
-        dem_range=options["dem_range"], relief_percentiles=options["relief"],
+        rtc_gain=options["gain"],
+        rtc_ranges=options["rtc_ranges"],
+        dem_range=options["dem_range"],
+        relief_percentiles=options["relief"],
         slope_range=options["slope_range"],
     ).compute()
     expected = card_expected(raw, keys[:10], **options)
     default = card_expected(raw, keys[:10])
     for name in ("rtc", "dem", "dem_relief", "slope"):
-        np.testing.assert_allclose(got[name].values, expected[name], atol=TOL, rtol=0,
-                                   err_msg=name)
+        np.testing.assert_allclose(got[name].values, expected[name], atol=TOL, rtol=0, err_msg=name)
         # ... and different numbers from the defaults.
         assert np.abs(expected[name] - default[name]).max() > 0.01, name
 
@@ -175,18 +189,22 @@ def test_missing_polarization_stays_exactly_zero(cube, computed):
 
 
 def _patch_dataset(dem_patches: np.ndarray) -> xr.Dataset:
-    return xr.Dataset({"dem": (("sample", "y", "x"), dem_patches.astype(np.float32))},
-                      coords={"sample": [f"s{i}" for i in range(len(dem_patches))]})
+    return xr.Dataset(
+        {"dem": (("sample", "y", "x"), dem_patches.astype(np.float32))},
+        coords={"sample": [f"s{i}" for i in range(len(dem_patches))]},
+    )
 
 
 def test_flat_dem_relief_is_zero_and_nan_stays_nan():
     yy, xx = np.mgrid[0:16, 0:16].astype(np.float32)
-    patches = np.stack([
-        np.full((16, 16), 250.0),            # flat
-        100.0 + 3.0 * yy + xx,                # ramp
-        np.full((16, 16), np.nan),            # never written
-        np.where((yy == 0) & (xx == 0), 500.0, 10.0),  # one spike: p5 == p95, still flat
-    ])
+    patches = np.stack(
+        [
+            np.full((16, 16), 250.0),  # flat
+            100.0 + 3.0 * yy + xx,  # ramp
+            np.full((16, 16), np.nan),  # never written
+            np.where((yy == 0) & (xx == 0), 500.0, 10.0),  # one spike: p5 == p95, still flat
+        ]
+    )
     ds = _patch_dataset(patches)
     for backed in (ds, ds.chunk({"sample": 2})):
         with raise_if_dask_computes():
@@ -218,17 +236,21 @@ def test_clip_and_rescale_on_numpy_dask_and_xarray():
     lazy = normalize.clip_and_rescale(da.from_array(x, chunks=2), 0.0, 2.0)
     assert isinstance(lazy, da.Array)
     np.testing.assert_array_equal(lazy.compute(), want)
-    np.testing.assert_array_equal(normalize.clip_and_rescale(xr.DataArray(x), 0.0, 2.0).values,
-                                  want)
+    np.testing.assert_array_equal(
+        normalize.clip_and_rescale(xr.DataArray(x), 0.0, 2.0).values, want
+    )
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"rtc_ranges": {"co": (0.15, 2.39)}}, "no range for polarization"),
-    ({"rtc_ranges": {"co": (2.0, 1.0), "cross": (0.0, 1.0)}}, "high > low"),
-    ({"dem_range": (1.0,)}, "pair"),
-    ({"slope_range": (0.0, np.inf)}, "finite"),
-    ({"relief_percentiles": (5.0, 150.0)}, r"\[0, 100\]"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"rtc_ranges": {"co": (0.15, 2.39)}}, "no range for polarization"),
+        ({"rtc_ranges": {"co": (2.0, 1.0), "cross": (0.0, 1.0)}}, "high > low"),
+        ({"dem_range": (1.0,)}, "pair"),
+        ({"slope_range": (0.0, np.inf)}, "finite"),
+        ({"relief_percentiles": (5.0, 150.0)}, r"\[0, 100\]"),
+    ],
+)
 def test_bad_ranges_are_refused(cube, options, match):
     with pytest.raises(ValueError, match=match):
         cube.nasar.normalized(**options)

@@ -25,8 +25,10 @@ def _indexed(counts, order=None):
     keys, shard_of_row, indexed = [], [], []
     for s, count in enumerate(counts):
         path = schema.shard_name(s)
-        entries = [SampleEntry(f"k{s}_{i}", (Member(f"k{s}_{i}.npz", 512 * (i + 1), 100),))
-                   for i in range(count)]
+        entries = [
+            SampleEntry(f"k{s}_{i}", (Member(f"k{s}_{i}.npz", 512 * (i + 1), 100),))
+            for i in range(count)
+        ]
         indexed.append(IndexedTar(TarShard(path, 1000, count), tuple(entries)))
         keys += [e.key for e in entries]
         shard_of_row += [path] * count
@@ -34,12 +36,12 @@ def _indexed(counts, order=None):
 
 
 @settings(max_examples=200, deadline=None)
-@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=6),
-       shard=st.integers(1, 32))
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=6), shard=st.integers(1, 32))
 def test_every_sample_in_exactly_one_task_aligned_to_shards(counts, shard):
     keys, shard_of_row, indexed = _indexed(counts)
-    plan = assemble_plan("src", "dest", ConvertOptions(shard=shard, inner_chunk=1), keys,
-                         shard_of_row, indexed)
+    plan = assemble_plan(
+        "src", "dest", ConvertOptions(shard=shard, inner_chunk=1), keys, shard_of_row, indexed
+    )
     n = sum(counts)
     assert [(t.start, t.stop) for t in plan.tasks] == shard_bounds(n, shard)
     rows = np.concatenate([task_rows(t) for t in plan.tasks]) if plan.tasks else np.array([])
@@ -62,22 +64,28 @@ def test_metadata_row_without_sample_and_orphan_sample():
     shard_of_row_missing = shard_of_row + [schema.shard_name(1)]
     with pytest.raises(SourceError) as err:
         assemble_plan("s", "d", ConvertOptions(), keys_missing, shard_of_row_missing, indexed)
-    assert str(err.value) == ("data/nasar-train-000001.tar: sample 'ghost': metadata.parquet"
-                              " lists this sample but no tar holds it")
-    plan = assemble_plan("s", "d", ConvertOptions(on_error="skip"), keys_missing,
-                         shard_of_row_missing, indexed)
+    assert str(err.value) == (
+        "data/nasar-train-000001.tar: sample 'ghost': metadata.parquet"
+        " lists this sample but no tar holds it"
+    )
+    plan = assemble_plan(
+        "s", "d", ConvertOptions(on_error="skip"), keys_missing, shard_of_row_missing, indexed
+    )
     assert [(r.key, r.row) for r in plan.rejected] == [("ghost", 5)]
-    orphan_plan = assemble_plan("s", "d", ConvertOptions(on_error="skip"), keys[:-1],
-                                shard_of_row[:-1], indexed)
+    orphan_plan = assemble_plan(
+        "s", "d", ConvertOptions(on_error="skip"), keys[:-1], shard_of_row[:-1], indexed
+    )
     assert [(r.shard, r.key, r.reason, r.row) for r in orphan_plan.rejected] == [
-        (schema.shard_name(1), "k1_1", "sample is in the tar but not in metadata.parquet", None)]
+        (schema.shard_name(1), "k1_1", "sample is in the tar but not in metadata.parquet", None)
+    ]
 
 
 def test_duplicate_metadata_keys_are_refused():
     keys, shard_of_row, indexed = _indexed([2])
     with pytest.raises(MetadataError, match="sample_key 'k0_0' appears in more than one row"):
-        assemble_plan("s", "d", ConvertOptions(), keys + ["k0_0"],
-                      shard_of_row + shard_of_row[:1], indexed)
+        assemble_plan(
+            "s", "d", ConvertOptions(), keys + ["k0_0"], shard_of_row + shard_of_row[:1], indexed
+        )
 
 
 def test_options_are_validated():
@@ -88,14 +96,17 @@ def test_options_are_validated():
 
 
 def test_real_corpus_plan(small_corpus, tmp_path):
-    plan = plan_conversion(str(small_corpus.root), str(tmp_path / "c.zarr"), shard=8,
-                           inner_chunk=2)
+    plan = plan_conversion(str(small_corpus.root), str(tmp_path / "c.zarr"), shard=8, inner_chunk=2)
     assert plan.n_samples == 32
     assert list(plan.sample_keys) == small_corpus.metadata["sample_key"].tolist()
     assert [(t.start, t.stop) for t in plan.tasks] == [(0, 8), (8, 16), (16, 24), (24, 32)]
     # tar boundaries at 11 and 18 fall inside Zarr shards 1 and 2
     assert [[s.shard_path[-10:-4] for s in t.spans] for t in plan.tasks] == [
-        ["000000"], ["000000", "000001"], ["000001", "000002"], ["000002"]]
+        ["000000"],
+        ["000000", "000001"],
+        ["000001", "000002"],
+        ["000002"],
+    ]
     assert [t.samples for t in plan.tar_shards] == [11, 7, 14]
     text = repr(plan)
     assert "samples:   32 from 3 tar shards" in text

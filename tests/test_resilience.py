@@ -24,8 +24,7 @@ ARRAYS = [*schema.VARIABLES, schema.STATUS, schema.RTC_PRESENT]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("c"), n_shards=2, samples_per_shard=[5, 6],
-                        seed=21)
+    return write_corpus(tmp_path_factory.mktemp("c"), n_shards=2, samples_per_shard=[5, 6], seed=21)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +40,17 @@ def assert_same_arrays(a: Path, b: Path) -> None:
         assert ga[name][:].tobytes() == gb[name][:].tobytes(), name
 
 
-@pytest.mark.parametrize("fault", ["skeleton", "after-rtc:2", "after-dem:1", "after-status:2",
-                                   "after-record:1", "before-consolidate"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "skeleton",
+        "after-rtc:2",
+        "after-dem:1",
+        "after-status:2",
+        "after-record:1",
+        "before-consolidate",
+    ],
+)
 def test_kill_9_then_rerun_gives_the_same_store(corpus, reference, tmp_path, fault):
     dest = tmp_path / "cube.zarr"
     args = ["convert", str(corpus.root), str(dest), "--shard", "4", "--workers", "0"]
@@ -81,7 +89,8 @@ def test_other_options_are_refused_unless_overwrite(corpus, tmp_path):
         f"{dest} already holds a cube made with different options (inner_chunk=2, shard=4,"
         f" codec=blosc-lz4, clevel=5, samples=11, source={corpus.root}; now inner_chunk=2,"
         f" shard=8, codec=blosc-lz4, clevel=5, samples=11, source={corpus.root}); pass"
-        " --overwrite to replace it, or convert into a new destination")
+        " --overwrite to replace it, or convert into a new destination"
+    )
     ds = other.execute(workers=0, overwrite=True)
     assert ds.rtc.data.chunks[0] == (8, 3)
     assert verify(str(dest), workers=0).ok
@@ -92,8 +101,7 @@ def test_foreign_destination_is_never_cleared(corpus, tmp_path):
     dest.mkdir()
     (dest / "thesis.tex").write_text("precious")
     with pytest.raises(StoreExistsError, match="exists and is not a nasar-zarr cube"):
-        nz.plan_conversion(str(corpus.root), str(dest), shard=4).execute(workers=0,
-                                                                          overwrite=True)
+        nz.plan_conversion(str(corpus.root), str(dest), shard=4).execute(workers=0, overwrite=True)
     assert (dest / "thesis.tex").read_text() == "precious"
 
 
@@ -102,14 +110,23 @@ def test_second_converter_is_refused(corpus, tmp_path):
     # A live process holds the lock (this one: pid alive on this host).
     import socket
 
-    write_json(str(dest), LOCK_FILE, {"host": socket.gethostname(), "pid": os.getppid(),
-                                      "token": "x", "since": "2026-01-01T00:00:00"})
+    write_json(
+        str(dest),
+        LOCK_FILE,
+        {
+            "host": socket.gethostname(),
+            "pid": os.getppid(),
+            "token": "x",
+            "since": "2026-01-01T00:00:00",
+        },
+    )
     result = cli("convert", str(corpus.root), str(dest), "--shard", "4", "--workers", "0")
     assert result.returncode == 2
     assert result.stderr == (
         f"nasar-zarr convert: error: {dest}: another conversion (pid {os.getppid()} on"
         f" {socket.gethostname()}, since 2026-01-01T00:00:00) holds the lock; wait for it, or"
-        f" delete {LOCK_FILE} in the store if that process is gone\n")
+        f" delete {LOCK_FILE} in the store if that process is gone\n"
+    )
     with pytest.raises(StoreLockedError):
         nz.plan_conversion(str(corpus.root), str(dest), shard=4).execute(workers=0)
 
@@ -147,15 +164,22 @@ def test_verify_with_source_names_mismatching_samples(corpus, tmp_path):
 
 def test_verify_reports_an_unfinished_conversion(corpus, tmp_path):
     dest = tmp_path / "cube.zarr"
-    killed = cli("convert", str(corpus.root), str(dest), "--shard", "4", "--workers", "0",
-                 fault="after-record:1")
+    killed = cli(
+        "convert",
+        str(corpus.root),
+        str(dest),
+        "--shard",
+        "4",
+        "--workers",
+        "0",
+        fault="after-record:1",
+    )
     assert killed.returncode == -9
     report = verify(str(dest), workers=0)
     assert [str(m) for m in report.mismatches] == [
-        "shard 1: not written (no task record): the conversion did not finish; run convert"
-        " again",
-        "shard 2: not written (no task record): the conversion did not finish; run convert"
-        " again"]
+        "shard 1: not written (no task record): the conversion did not finish; run convert again",
+        "shard 2: not written (no task record): the conversion did not finish; run convert again",
+    ]
 
 
 def test_append_new_shards(tmp_path):
@@ -168,8 +192,9 @@ def test_append_new_shards(tmp_path):
     pq.write_table(table.slice(0, 11), part / "metadata.parquet")
     dest = tmp_path / "cube.zarr"
     nz.plan_conversion(str(part), str(dest), shard=4).execute(workers=0)
-    first_shards = {p: p.read_bytes() for p in (dest / "rtc" / "c").glob("[01]/**/*")
-                    if p.is_file()}
+    first_shards = {
+        p: p.read_bytes() for p in (dest / "rtc" / "c").glob("[01]/**/*") if p.is_file()
+    }
     result = cli("append", str(full.root), str(dest), "--workers", "0")
     assert result.returncode == 0, result.stderr
     assert "done: 18 written, 0 rejected, 0 pending" in result.stdout
@@ -180,8 +205,10 @@ def test_append_new_shards(tmp_path):
     assert_same_arrays(dest, reference)
     ds = nz.open_cube(str(dest))
     assert ds.sizes["sample"] == 18
-    assert ds.quality_score.values.tobytes() == nz.open_cube(
-        str(reference)).quality_score.values.tobytes()
+    assert (
+        ds.quality_score.values.tobytes()
+        == nz.open_cube(str(reference)).quality_score.values.tobytes()
+    )
     assert verify(str(dest), src=str(full.root), workers=0).ok
     assert zarr.open_group(str(dest), mode="r")["sample"].chunks == (18,)
 
@@ -201,8 +228,9 @@ def test_append_killed_midway_resumes(tmp_path):
     part = tmp_path / "part"
     (part / "data").mkdir(parents=True)
     shutil.copy(full.root / full.shard_paths[0], part / full.shard_paths[0])
-    pq.write_table(pq.read_table(full.root / "metadata.parquet").slice(0, 5),
-                   part / "metadata.parquet")
+    pq.write_table(
+        pq.read_table(full.root / "metadata.parquet").slice(0, 5), part / "metadata.parquet"
+    )
     dest = tmp_path / "cube.zarr"
     nz.plan_conversion(str(part), str(dest), shard=4).execute(workers=0)
     killed = cli("append", str(full.root), str(dest), "--workers", "0", fault="after-resize")

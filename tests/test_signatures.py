@@ -35,13 +35,27 @@ def _db(x):
 def test_signatures_stay_lazy_with_cf_attrs(cube):
     with raise_if_dask_computes():
         out = cube.nasar.signatures()
-        single = [cube.nasar.backscatter_db(), cube.nasar.cross_co_ratio_db(),
-                  cube.nasar.temporal_change_db(), cube.nasar.wrapped_phase(),
-                  cube.nasar.coherence()]
-    assert list(out.data_vars) == ["backscatter_db", "cross_co_ratio_db", "temporal_change_db",
-                                   "wrapped_phase", "coherence"]
-    units = {"backscatter_db": "dB", "cross_co_ratio_db": "dB", "temporal_change_db": "dB",
-             "wrapped_phase": "rad", "coherence": "1"}
+        single = [
+            cube.nasar.backscatter_db(),
+            cube.nasar.cross_co_ratio_db(),
+            cube.nasar.temporal_change_db(),
+            cube.nasar.wrapped_phase(),
+            cube.nasar.coherence(),
+        ]
+    assert list(out.data_vars) == [
+        "backscatter_db",
+        "cross_co_ratio_db",
+        "temporal_change_db",
+        "wrapped_phase",
+        "coherence",
+    ]
+    units = {
+        "backscatter_db": "dB",
+        "cross_co_ratio_db": "dB",
+        "temporal_change_db": "dB",
+        "wrapped_phase": "rad",
+        "coherence": "1",
+    }
     for var in [*out.data_vars.values(), *single]:
         assert isinstance(var.data, da.Array), var.name
         assert var.dtype == np.float32, var.name
@@ -106,6 +120,9 @@ def test_numpy_backed_inputs():
     np.testing.assert_allclose(db.values[0], [[0.0, -10.0], [np.nan, -20.0]], atol=1e-5)
     ratio = signatures.cross_co_ratio_db(rtc)
     np.testing.assert_allclose(ratio.values[0], [np.nan, -10.0], atol=1e-5)
-    ifg = xr.DataArray(np.array([[-1.0, 0.0], [0.0, 1.0]], dtype=np.float32),
-                       dims=("component", "x"), coords={"component": ["cos", "sin"]})
+    ifg = xr.DataArray(
+        np.array([[-1.0, 0.0], [0.0, 1.0]], dtype=np.float32),
+        dims=("component", "x"),
+        coords={"component": ["cos", "sin"]},
+    )
     np.testing.assert_allclose(signatures.wrapped_phase(ifg).values, [np.pi, np.pi / 2])

@@ -44,11 +44,10 @@ def test_reads_synthetic_corpus_bit_exact(small_corpus):
 @pytest.mark.parametrize("compressed", [False, True])
 def test_npy_members_read_like_npz(tmp_path, compressed):
     (sample,) = _arrays()
-    write_tar(tmp_path / "a.tar", sample_members("k1", sample, layout="npz",
-                                                 compressed=compressed))
+    write_tar(tmp_path / "a.tar", sample_members("k1", sample, layout="npz", compressed=compressed))
     write_tar(tmp_path / "b.tar", sample_members("k1", sample, layout="npy"))
-    (ka, a), = source.iter_shard(str(tmp_path / "a.tar"))
-    (kb, b), = source.iter_shard(str(tmp_path / "b.tar"))
+    ((ka, a),) = source.iter_shard(str(tmp_path / "a.tar"))
+    ((kb, b),) = source.iter_shard(str(tmp_path / "b.tar"))
     assert ka == kb == "k1"
     for name in schema.SOURCE_KEYS:
         np.testing.assert_array_equal(a[name], sample[name])
@@ -57,8 +56,13 @@ def test_npy_members_read_like_npz(tmp_path, compressed):
 
 def test_member_grouping_ignores_other_members(tmp_path):
     s1, s2 = _arrays(n=2)
-    members = [("a/x1.json", b"{}"), *sample_members("a/x1", s1), ("a/x1.txt", b"hi"),
-               *sample_members("a/x2", s2), ("README", b"not a sample")]
+    members = [
+        ("a/x1.json", b"{}"),
+        *sample_members("a/x1", s1),
+        ("a/x1.txt", b"hi"),
+        *sample_members("a/x2", s2),
+        ("README", b"not a sample"),
+    ]
     write_tar(tmp_path / "s.tar", members)
     keys = [k for k, _ in source.iter_shard(str(tmp_path / "s.tar"))]
     assert keys == ["a/x1", "a/x2"]
@@ -69,7 +73,7 @@ def test_big_endian_float32_is_accepted_and_made_native(tmp_path):
     (sample,) = _arrays()
     swapped = {k: v.astype(">f4") for k, v in sample.items()}
     write_tar(tmp_path / "s.tar", sample_members("k", swapped))
-    (_, arrays), = source.iter_shard(str(tmp_path / "s.tar"))
+    ((_, arrays),) = source.iter_shard(str(tmp_path / "s.tar"))
     assert arrays["dem"].dtype == np.dtype("<f4")
     np.testing.assert_array_equal(arrays["dem"], sample["dem"])
 
@@ -95,7 +99,8 @@ def test_truncated_tar(tmp_path):
     with pytest.raises(ShardCorruptError) as err:
         _read_all(str(tmp_path / "s.tar"))
     assert str(err.value).startswith(
-        "data/nasar-train-000007.tar: sample 'k2': truncated tar: member 'k2.npz' needs bytes")
+        "data/nasar-train-000007.tar: sample 'k2': truncated tar: member 'k2.npz' needs bytes"
+    )
     assert err.value.key == "k2"
 
 
@@ -111,8 +116,10 @@ def test_corrupt_npz_bytes(tmp_path):
     payload[5000:5010] = b"\xff" * 10  # inside the first array's data: CRC must catch it
     with pytest.raises(SampleDecodeError) as err:
         _read_all(_shard_with(tmp_path, bytes(payload)))
-    assert str(err.value) == ("data/nasar-train-000007.tar: sample 'bad': corrupt npz member:"
-                              " bad CRC-32 for 'prime_rtc_view_0.npy'")
+    assert str(err.value) == (
+        "data/nasar-train-000007.tar: sample 'bad': corrupt npz member:"
+        " bad CRC-32 for 'prime_rtc_view_0.npy'"
+    )
 
 
 def test_not_a_zip(tmp_path):
@@ -141,7 +148,8 @@ def test_pickled_object_array_is_refused_without_unpickling(tmp_path):
         _read_all(_shard_with(tmp_path, buf.getvalue()))
     assert str(err.value) == (
         "data/nasar-train-000007.tar: sample 'bad': 'bad.npz/dem_extra.npy' holds an object"
-        " array (pickled data); refusing to unpickle it")
+        " array (pickled data); refusing to unpickle it"
+    )
 
 
 def test_wrong_shape(tmp_path):
@@ -149,15 +157,18 @@ def test_wrong_shape(tmp_path):
     s["dem"] = s["dem"][:, :64]
     with pytest.raises(SampleSchemaError) as err:
         _read_all(_shard_with(tmp_path, encode_npz(s)))
-    assert str(err.value) == ("data/nasar-train-000007.tar: sample 'bad': array 'dem' has shape"
-                              " (1, 64, 128), expected (1, 128, 128)")
+    assert str(err.value) == (
+        "data/nasar-train-000007.tar: sample 'bad': array 'dem' has shape"
+        " (1, 64, 128), expected (1, 128, 128)"
+    )
 
 
 def test_wrong_dtype(tmp_path):
     (s,) = _arrays()
     s["coh_view_1"] = s["coh_view_1"].astype(np.float64)
-    with pytest.raises(SampleSchemaError, match="array 'coh_view_1' has dtype float64, expected"
-                                                " float32"):
+    with pytest.raises(
+        SampleSchemaError, match="array 'coh_view_1' has dtype float64, expected float32"
+    ):
         _read_all(_shard_with(tmp_path, encode_npz(s)))
 
 
@@ -166,8 +177,9 @@ def test_missing_key(tmp_path):
     del s["slope_deg"]
     with pytest.raises(SampleSchemaError) as err:
         _read_all(_shard_with(tmp_path, encode_npz(s)))
-    assert str(err.value) == ("data/nasar-train-000007.tar: sample 'bad': missing arrays"
-                              " ['slope_deg']")
+    assert str(err.value) == (
+        "data/nasar-train-000007.tar: sample 'bad': missing arrays ['slope_deg']"
+    )
 
 
 def test_unexpected_array(tmp_path):
@@ -179,12 +191,15 @@ def test_unexpected_array(tmp_path):
 
 def test_duplicate_key(tmp_path):
     s1, s2 = _arrays(n=2)
-    write_tar(tmp_path / "s.tar", [*sample_members("k1", s1), *sample_members("k2", s2),
-                                   *sample_members("k1", s2)])
+    write_tar(
+        tmp_path / "s.tar",
+        [*sample_members("k1", s1), *sample_members("k2", s2), *sample_members("k1", s2)],
+    )
     with pytest.raises(DuplicateSampleError) as err:
         _read_all(str(tmp_path / "s.tar"))
-    assert str(err.value) == ("data/nasar-train-000007.tar: sample 'k1': duplicate sample key:"
-                              " member 'k1.npz' repeats it")
+    assert str(err.value) == (
+        "data/nasar-train-000007.tar: sample 'k1': duplicate sample key: member 'k1.npz' repeats it"
+    )
 
 
 def test_oversized_member(tmp_path):
@@ -195,7 +210,8 @@ def test_oversized_member(tmp_path):
         list(source.iter_shard(path, shard="x.tar", max_member_bytes=1_000_000))
     assert str(err.value) == (
         f"x.tar: sample 'good': member 'good.npz' is {size:,} bytes, over the cap of 1,000,000"
-        " (raise max_member_bytes if this is intended)")
+        " (raise max_member_bytes if this is intended)"
+    )
 
 
 def test_decompression_bomb_is_capped(tmp_path):

@@ -48,8 +48,7 @@ def test_histogram_is_lazy_and_equals_numpy(cube, log_rtc):
 def test_histogram_one_task_per_chunk(cube):
     counts = cube.nasar.histogram(bins=20)
     graph = dict(counts.data.__dask_graph__())
-    per_chunk = [k for k in graph if isinstance(k, tuple) and str(k[0]).startswith(
-        "_block_counts")]
+    per_chunk = [k for k in graph if isinstance(k, tuple) and str(k[0]).startswith("_block_counts")]
     assert len(per_chunk) == len(cube["rtc"].chunks[0])
 
 
@@ -65,8 +64,9 @@ def test_clip_counts_every_valid_value(cube, log_rtc):
     counts = cube.nasar.histogram(bins=10, range=(0.5, 1.5), clip=True).compute()
     for pol in ("co", "cross"):
         v = np.clip(log_rtc[pol], 0.5, 1.5)
-        np.testing.assert_array_equal(counts.sel(pol=pol).values,
-                                      np.histogram(v, bins=10, range=(0.5, 1.5))[0])
+        np.testing.assert_array_equal(
+            counts.sel(pol=pol).values, np.histogram(v, bins=10, range=(0.5, 1.5))[0]
+        )
         assert int(counts.sel(pol=pol).sum()) == log_rtc[pol].size
 
 
@@ -93,8 +93,9 @@ def test_variables_without_pol_and_transforms(cube):
     np.testing.assert_array_equal(counts.values, np.histogram(coh, bins=20, range=(0, 1))[0])
     q = cube.nasar.quantiles((0.25, 0.75), var="coh", bins=2000).compute()
     assert q.dims == ("quantile",)
-    np.testing.assert_allclose(q.values, np.quantile(coh.astype(np.float64), [0.25, 0.75]),
-                               atol=1 / 2000)
+    np.testing.assert_allclose(
+        q.values, np.quantile(coh.astype(np.float64), [0.25, 0.75]), atol=1 / 2000
+    )
     # dB and callable transforms
     rtc = cube["rtc"].values
     db = 10 * np.log10(rtc[:, :, :, 0][rtc[:, :, :, 0] > 0])
@@ -103,27 +104,40 @@ def test_variables_without_pol_and_transforms(cube):
     got = cube.nasar.histogram(transform=np.sqrt, bins=40, range=(0, 2)).sel(pol="co")
     np.testing.assert_array_equal(
         got.values,
-        np.histogram(np.sqrt(rtc[:, :, :, 0][cube["rtc_present"].values[:, :, :, 0]]),
-                     bins=40, range=(0, 2))[0])
+        np.histogram(
+            np.sqrt(rtc[:, :, :, 0][cube["rtc_present"].values[:, :, :, 0]]), bins=40, range=(0, 2)
+        )[0],
+    )
     assert got.attrs["transform"] == "sqrt"
 
 
 def test_quantiles_from_a_known_histogram():
-    counts = xr.DataArray([10, 10, 10, 10], dims="bin", coords={
-        "bin_lower": ("bin", [0.0, 1.0, 2.0, 3.0]), "bin_upper": ("bin", [1.0, 2.0, 3.0, 4.0])})
+    counts = xr.DataArray(
+        [10, 10, 10, 10],
+        dims="bin",
+        coords={
+            "bin_lower": ("bin", [0.0, 1.0, 2.0, 3.0]),
+            "bin_upper": ("bin", [1.0, 2.0, 3.0, 4.0]),
+        },
+    )
     q = stats.quantiles_from_histogram(counts, (0.0, 0.25, 0.5, 0.9, 1.0))
     np.testing.assert_allclose(q.values, [0.0, 1.0, 2.0, 3.6, 4.0])
     # q = 0 starts at the first non-empty bin
     sparse = counts.copy(data=[0, 0, 4, 0])
-    np.testing.assert_allclose(stats.quantiles_from_histogram(sparse, (0.0, 1.0)).values,
-                               [2.0, 3.0])
+    np.testing.assert_allclose(
+        stats.quantiles_from_histogram(sparse, (0.0, 1.0)).values, [2.0, 3.0]
+    )
     empty = stats.quantiles_from_histogram(counts * 0, (0.5,))
     assert np.isnan(empty.values).all()
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 400), bins=st.integers(1, 300),
-       q=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 400),
+    bins=st.integers(1, 300),
+    q=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4),
+)
 def test_quantiles_are_within_one_bin_width_of_numpy(seed, n, bins, q):
     rng = np.random.default_rng(seed)
     values = rng.gamma(2.0, 0.2, size=(n, 3)).clip(0.0, 1.0).astype(np.float32)
@@ -134,21 +148,27 @@ def test_quantiles_are_within_one_bin_width_of_numpy(seed, n, bins, q):
     for qi, g in zip(q, got, strict=True):
         # numpy interpolates between x[floor(q(n-1))] and x[ceil(q(n-1))]; the histogram
         # bin holds x[ceil(qn) - 1]: adjacent order statistics, plus one bin width.
-        idx = [int(np.floor(qi * (n - 1))), int(np.ceil(qi * (n - 1))),
-               max(int(np.ceil(qi * n)) - 1, 0)]
+        idx = [
+            int(np.floor(qi * (n - 1))),
+            int(np.ceil(qi * (n - 1))),
+            max(int(np.ceil(qi * n)) - 1, 0),
+        ]
         width = 1.0 / bins
         assert x[min(idx)] - width - 1e-9 <= g <= x[max(idx)] + width + 1e-9
         if n >= 2 and x[max(idx)] == x[min(idx)]:  # no gap: within one bin of numpy
             assert abs(g - np.quantile(x, qi)) <= width + 1e-9
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"transform": "log2"}, "unknown transform"),
-    ({"var": "ifg"}, "no default range"),
-    ({"var": "nope"}, "not a variable"),
-    ({"range": (1.0, 1.0)}, "high > low"),
-    ({"bins": 0}, "positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"transform": "log2"}, "unknown transform"),
+        ({"var": "ifg"}, "no default range"),
+        ({"var": "nope"}, "not a variable"),
+        ({"range": (1.0, 1.0)}, "high > low"),
+        ({"bins": 0}, "positive"),
+    ],
+)
 def test_bad_arguments_are_refused(cube, kwargs, match):
     with pytest.raises((ValueError, KeyError), match=match):
         stats.histogram(cube, **kwargs)

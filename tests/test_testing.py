@@ -27,7 +27,10 @@ def arrays(corpus):
 def test_release_layout(corpus):
     root = corpus.root
     assert sorted(p.name for p in (root / "data").iterdir()) == [
-        "nasar-train-000000.tar", "nasar-train-000001.tar", "nasar-train-000002.tar"]
+        "nasar-train-000000.tar",
+        "nasar-train-000001.tar",
+        "nasar-train-000002.tar",
+    ]
     summary = json.loads((root / "webdataset_summary.json").read_text())
     assert summary["num_shards"] == 3
     assert summary["num_samples"] == 120
@@ -82,8 +85,9 @@ def test_values_are_plausible(corpus, arrays):
             assert (prime >= 0).all() and (secondary >= 0).all()
             assert not np.array_equal(prime, secondary)
             # Same reflectivity field under independent speckle: 8x8 block means agree.
-            blocks = [a[0].reshape(16, 8, 16, 8).mean(axis=(1, 3)).ravel()
-                      for a in (prime, secondary)]
+            blocks = [
+                a[0].reshape(16, 8, 16, 8).mean(axis=(1, 3)).ravel() for a in (prime, secondary)
+            ]
             assert np.corrcoef(np.log(blocks[0]), np.log(blocks[1]))[0, 1] > 0.6
             co.append(prime[0].mean())
             if meta.loc[key, "cross_pol_available"]:
@@ -131,6 +135,19 @@ def test_deterministic_for_a_seed(tmp_path):
 def test_cli_synth(tmp_path):
     from nasar_zarr.cli import main
 
-    assert main(["synth", str(tmp_path / "out"), "--shards", "3", "--samples-per-shard", "4",
-                 "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(tmp_path / "out"),
+                "--shards",
+                "3",
+                "--samples-per-shard",
+                "4",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert len(decode_with_card(tmp_path / "out")) == 12

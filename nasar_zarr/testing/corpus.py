@@ -115,11 +115,13 @@ def make_batch(
         span = rng.uniform(0.2, 1.0, size=(n, 1, 1)).astype(f32)
         direction = np.where(ascending ^ bool(view), 1.0, -1.0).astype(f32)[:, None, None]
         ramp = near + span * (0.5 + direction * (x / (schema.PATCH - 1) - 0.5))
-        out[f"inc_angle_view_{view}"] = np.broadcast_to(
-            ramp, (n, schema.PATCH, schema.PATCH)
-        )[:, None].astype(f32)
-        coh = 0.55 + 0.25 * smooth_field(rng, (n,)) + 0.05 * rng.standard_normal(
-            (n, schema.PATCH, schema.PATCH), dtype=f32
+        out[f"inc_angle_view_{view}"] = np.broadcast_to(ramp, (n, schema.PATCH, schema.PATCH))[
+            :, None
+        ].astype(f32)
+        coh = (
+            0.55
+            + 0.25 * smooth_field(rng, (n,))
+            + 0.05 * rng.standard_normal((n, schema.PATCH, schema.PATCH), dtype=f32)
         )
         coh = np.clip(coh, 0.0, 1.0).astype(f32)
         out[f"coh_view_{view}"] = coh[:, None]
@@ -181,9 +183,7 @@ def sample_key(global_index: int) -> str:
     return f"nasar_{global_index:09d}"
 
 
-def make_metadata(
-    rng: np.random.Generator, samples_per_shard: Sequence[int]
-) -> pd.DataFrame:
+def make_metadata(rng: np.random.Generator, samples_per_shard: Sequence[int]) -> pd.DataFrame:
     """Plausible OPERA provenance and patch geometry, one row per sample, release order."""
     n = int(sum(samples_per_shard))
     shard_index = np.repeat(np.arange(len(samples_per_shard)), samples_per_shard)
@@ -292,8 +292,9 @@ def write_corpus(
         rows = meta.iloc[start : start + count]
         start += count
         rng = np.random.default_rng([seed, shard])
-        members = _shard_members(rng, rows, compressed=compressed, layout=layout,
-                                 extra_members=extra_members)
+        members = _shard_members(
+            rng, rows, compressed=compressed, layout=layout, extra_members=extra_members
+        )
         write_tar(root / schema.shard_name(shard), members)
         shard_paths.append(schema.shard_name(shard))
     table = meta.sample(frac=1.0, random_state=seed) if shuffle_metadata else meta
@@ -316,8 +317,9 @@ def _shard_members(rng, rows: pd.DataFrame, *, compressed, layout, extra_members
     ascending = (rows["orbit_direction"] == "ascending").to_numpy()
     for lo in range(0, len(keys), _BATCH):
         hi = min(lo + _BATCH, len(keys))
-        batch = make_batch(rng, hi - lo, cross_pol_available=cross[lo:hi],
-                           ascending=ascending[lo:hi])
+        batch = make_batch(
+            rng, hi - lo, cross_pol_available=cross[lo:hi], ascending=ascending[lo:hi]
+        )
         for i in range(hi - lo):
             key = keys[lo + i]
             arrays = {name: batch[name][i] for name in schema.SOURCE_KEYS}
