@@ -363,7 +363,10 @@ def convert_in_subprocess(src: Path, dest: Path, options: dict) -> dict[str, Any
 
 
 def _block_nbytes(block: np.ndarray) -> np.ndarray:
-    return np.full((1,) * block.ndim, block.nbytes, dtype="int64")
+    # np.asarray: open_cube's chunks are lazy (LazyRows) until something needs the values;
+    # ``block.nbytes`` alone would not read them.
+    values = np.asarray(block)
+    return np.full((1,) * values.ndim, values.nbytes, dtype="int64")
 
 
 def cpu_seconds() -> float:
