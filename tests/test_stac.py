@@ -148,7 +148,8 @@ def test_asset_opens_with_xarray_as_open_cube(stac_dir, cube):
     out, _ = stac_dir
     asset = pystac.Collection.from_file(str(out / "collection.json")).assets["zarr"]
     opened = xr.open_dataset(asset)  # xpystac: engine, zarr_format, consolidated from the asset
-    xr.testing.assert_identical(opened.load(), cube.load())
+    # cube.compute(), not cube.load(): load() would change the session-wide fixture in place.
+    xr.testing.assert_identical(opened.load(), cube.compute())
 
 
 def test_items_read_back_equal_the_metadata(stac_dir, cube, table):
