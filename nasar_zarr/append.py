@@ -21,7 +21,7 @@ from .errors import MetadataError, StoreExistsError
 from .faults import fault_point
 from .lock import store_lock
 from .plan import ConversionPlan
-from .task import run_tasks
+from .task import run_plan_tasks
 
 
 def append_plan(
@@ -57,18 +57,13 @@ def append_plan(
             )
             _extend_store(plan, table, n_old=start)
         done = layout.prepare_store(plan, table, overwrite=False)
-        run_tasks(
-            [t for t in plan.tasks if t.index not in done],
-            src=src,
-            dest=dest,
-            options=plan.options,
-            rejected_rows=layout.rejected_rows_by_task(plan),
+        run_plan_tasks(
+            plan,
+            done=done,
             lock_token=token,
-            storage_options=so,
             client=client,
             workers=workers,
             progress=progress,
-            total=len(plan.tasks),
             desc="append",
         )
         layout.finalize(plan)

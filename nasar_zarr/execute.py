@@ -18,7 +18,7 @@ from .cube import open_cube
 from .errors import MetadataError
 from .lock import store_lock
 from .plan import ConversionPlan
-from .task import run_tasks
+from .task import run_plan_tasks
 
 
 def execute(
@@ -81,18 +81,8 @@ def execute(
     )
     with store_lock(plan.dest, so) as token:
         done = layout.prepare_store(plan, table, overwrite=overwrite)
-        run_tasks(
-            [t for t in plan.tasks if t.index not in done],
-            src=plan.source,
-            dest=plan.dest,
-            options=plan.options,
-            rejected_rows=layout.rejected_rows_by_task(plan),
-            lock_token=token,
-            storage_options=so,
-            client=client,
-            workers=workers,
-            progress=progress,
-            total=len(plan.tasks),
+        run_plan_tasks(
+            plan, done=done, lock_token=token, client=client, workers=workers, progress=progress
         )
         layout.finalize(plan)
     return open_cube(plan.dest, storage_options=so)

@@ -435,15 +435,6 @@ _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _NUMBER = re.compile(r"\d[\d,.]*")
 
 
-def rejected_rows_by_task(plan: ConversionPlan) -> dict[int, list[int]]:
-    """Cube rows rejected at planning, grouped by the task (Zarr shard) that holds them."""
-    rows: dict[int, list[int]] = {}
-    for r in plan.rejected:
-        if r.row is not None:
-            rows.setdefault(r.row // plan.options.shard, []).append(r.row)
-    return rows
-
-
 # ---------------------------------------------------------------------------- helpers
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from . import schema, sharding, source, store
 from .errors import SourceError, StoreLockedError
 from .faults import fault_point
-from .plan import ConvertOptions, ShardTask
+from .plan import ConversionPlan, ConvertOptions, ShardTask
 from .runner import run_calls
 
 
@@ -174,6 +174,42 @@ def run_tasks(
             desc=desc,
         )
     ]
+
+
+def run_plan_tasks(
+    plan: ConversionPlan,
+    *,
+    done: set[int],
+    lock_token: str | None,
+    client: Any = None,
+    workers: int | None = None,
+    progress: bool = False,
+    desc: str = "convert",
+) -> list[dict[str, Any]]:
+    """Run every task of ``plan`` that is not in ``done`` (finished already) into its store."""
+    return run_tasks(
+        [t for t in plan.tasks if t.index not in done],
+        src=plan.source,
+        dest=plan.dest,
+        options=plan.options,
+        rejected_rows=rejected_rows_by_task(plan),
+        lock_token=lock_token,
+        storage_options=plan.storage_options,
+        client=client,
+        workers=workers,
+        progress=progress,
+        total=len(plan.tasks),
+        desc=desc,
+    )
+
+
+def rejected_rows_by_task(plan: ConversionPlan) -> dict[int, list[int]]:
+    """Cube rows rejected at planning, grouped by the task (Zarr shard) that holds them."""
+    rows: dict[int, list[int]] = {}
+    for r in plan.rejected:
+        if r.row is not None:
+            rows.setdefault(r.row // plan.options.shard, []).append(r.row)
+    return rows
 
 
 def task_samples(
