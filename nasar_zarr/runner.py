@@ -8,6 +8,7 @@ cached on a long-lived cluster.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,11 @@ def local_cluster(n_workers: int) -> Any:
             processes=True,
             dashboard_address=":0",
             memory_limit=0,
+            # Only this cluster's own logs: a failing task still reaches the caller as
+            # its exception (one line on the CLI), a lost worker as KilledWorker; what
+            # is silenced is the shutdown chatter (heartbeat tracebacks at the end of
+            # long runs).
+            silence_logs=logging.CRITICAL,
         )
     if before is None:
         os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
