@@ -69,6 +69,12 @@ def table(r: dict[str, Any]) -> str:
         f" {mach.get('versions', {}).get('nasar_zarr_commit')}, inflater"
         f" {r.get('inflater', 'zlib')}, load average {fmt(load[0])} -> {fmt(load[1])},"
         f" {fmt(r.get('elapsed_s'))} s.",
+        *[
+            f"Keys of `{name}` were measured on their own (`benchmarks/run.py --merge {name}`,"
+            f" {m['date']}, nasar_zarr {m.get('commit')}, load average"
+            f" {fmt(m['loadavg'][0][0])} -> {fmt(m['loadavg'][1][0])}) and merged in."
+            for name, m in r.get("merged", {}).items()
+        ],
         "",
         f"**{held} of {len(goals)} goals hold**"
         + (f"; not holding: {', '.join(f'`{k}`' for k in failed)}" if failed else "")

@@ -8,13 +8,14 @@ whole by its single task. An intent object makes an interrupted append resume.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
 import pyarrow as pa
 import xarray as xr
 
-from . import corpus, layout, schema, store
+from . import coordinates, corpus, layout, schema, store
 from . import metadata as meta
 from .cube import metadata_table, open_cube
 from .errors import MetadataError, StoreExistsError
@@ -76,7 +77,7 @@ def _check_prefix(plan: ConversionPlan, table: pa.Table, recorded: dict, n_old: 
     src, dest, so = plan.source, plan.dest, plan.storage_options
     group = store.open_group(dest, so, use_consolidated=False)
     old_keys = store.read(group, schema.SAMPLE_DIM).tolist()
-    if plan.n_samples < n_old or list(plan.sample_keys[:n_old]) != old_keys:
+    if plan.n_samples < n_old or plan.sample_keys.slice(0, n_old).to_pylist() != old_keys:
         raise StoreExistsError(
             f"{dest}: the cube's {n_old:,} samples are not the first samples of {src} in"
             " release order; append only adds shards after the cube's last one"
@@ -104,19 +105,15 @@ def _extend_store(plan: ConversionPlan, table: pa.Table, *, n_old: int) -> None:
         array = store.array(group, name)
         array.resize((n, *array.shape[1:]))
     fault_point("after-resize")
-    ds, encoding = layout.skeleton(plan, table)
-    coordinates = [
-        (
-            schema.SAMPLE_DIM,
-            xr.Variable(*layout.sample_coordinate(plan)),
-            encoding[schema.SAMPLE_DIM],
+    ds, _ = layout.skeleton(plan, table.schema)
+    # Rewritten whole: each 1-D coordinate is one chunk.
+    coordinates.write_coordinates(
+        dest,
+        so,
+        itertools.chain(
+            [coordinates.sample_coordinate(plan)], coordinates.metadata_coordinates(plan, table)
         ),
-        *layout.metadata_coordinates(plan, table),
-    ]
-    for name, _, _ in coordinates:
-        if name in group:
-            del group[name]
-    layout.write_coordinates(plan, table, coordinates)
+    )
     # The partial last shard gets new samples: its single task rewrites it whole.
     shard = plan.options.shard
     if n_old % shard:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -354,7 +355,7 @@ def readable(column: str) -> str:
     return text or str(column)
 
 
-def cf_attrs(column: str, values: np.ndarray, roles: ColumnRoles) -> dict[str, str]:
+def cf_attrs(column: str, values: np.ndarray | pa.Array, roles: ColumnRoles) -> dict[str, str]:
     """CF attributes of the coordinate holding ``column``.
 
     Every column gets a ``long_name``. Latitude and longitude (numeric) get
@@ -390,7 +391,7 @@ def cf_attrs(column: str, values: np.ndarray, roles: ColumnRoles) -> dict[str, s
     role = roles.role_of(column)
     if role is None:
         return {"long_name": readable(column)}
-    kind = np.asarray(values).dtype.kind
+    kind = "O" if isinstance(values, pa.Array) else np.asarray(values).dtype.kind  # text: Arrow
     cf: dict[str, str] = {}
     if role == "lat" and kind in "iuf":
         cf = {"standard_name": "latitude", "units": "degrees_north"}

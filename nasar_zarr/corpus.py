@@ -38,14 +38,68 @@ def read_metadata(
 
     ``columns`` reads only those (the sharding columns are always read); planning
     needs no more, which keeps a million rows' footprints and granule names out
-    of memory until the skeleton is written.
+    of memory until the skeleton is written (:class:`MetadataColumns` reads
+    them there one at a time).
     """
     url = source.join(src, schema.METADATA_FILE)
     if columns is not None:
         columns = list(dict.fromkeys([*schema.SHARDING_COLUMNS, *columns]))
+    table = _read_parquet(src, storage_options, columns)
+    _check_sharding(url, table)
+    order = _release_order(table)
+    return table if order is None else table.take(order)
+
+
+class MetadataColumns:
+    """``metadata.parquet`` read one column at a time, in release order.
+
+    Writing the skeleton needs every column, but only one at a time: the
+    release's whole table (~400 MB in Arrow) is never in memory at once. Has the
+    ``schema`` and ``column(name)`` of a ``pyarrow.Table``.
+
+    Examples
+    --------
+    >>> metadata = MetadataColumns("release")  # doctest: +SKIP
+    >>> metadata.column("center_lat")  # doctest: +SKIP
+    """
+
+    def __init__(self, src: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.src = src
+        self.storage_options = dict(storage_options or {})
+        url = source.join(src, schema.METADATA_FILE)
+        sharding = _read_parquet(src, storage_options, list(schema.SHARDING_COLUMNS))
+        _check_sharding(url, sharding)
+        self._order = _release_order(sharding)
+        self.num_rows = sharding.num_rows
+        with fsspec.open(url, "rb", **self.storage_options) as f:
+            self.schema = pq.read_schema(f)
+
+    def column(self, name: str) -> pa.Array:
+        """One column, in release order."""
+        values = _read_parquet(self.src, self.storage_options, [name]).column(0).combine_chunks()
+        return values if self._order is None else values.take(self._order)
+
+
+def _check_sharding(url: str, table: pa.Table) -> None:
+    missing = [c for c in schema.SHARDING_COLUMNS if c not in table.column_names]
+    if missing:
+        raise MetadataError(f"{url}: missing sharding columns {missing}")
+    for col in schema.SHARDING_COLUMNS:
+        if table.column(col).null_count:
+            raise MetadataError(f"{url}: column {col!r} has missing values")
+
+
+def _read_parquet(
+    src: str, storage_options: Mapping[str, Any] | None, columns: Sequence[str] | None
+) -> pa.Table:
+    url = source.join(src, schema.METADATA_FILE)
     try:
         with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-            table = pq.read_table(f, columns=columns)
+            parquet = pq.ParquetFile(f)
+            missing = [c for c in columns or () if c not in parquet.schema_arrow.names]
+            if missing:
+                raise MetadataError(f"{url}: missing columns {missing}")
+            return parquet.read(columns=columns)
     except FileNotFoundError:
         fs, root = fsspec.core.url_to_fs(src, **dict(storage_options or {}))
         if not fs.exists(root):
@@ -58,27 +112,24 @@ def read_metadata(
         if isinstance(exc, PermissionError):
             raise
         raise MetadataError(f"{url}: cannot read parquet: {exc}") from None
-    missing = [c for c in schema.SHARDING_COLUMNS if c not in table.column_names]
-    if missing:
-        raise MetadataError(f"{url}: missing sharding columns {missing}")
-    for col in schema.SHARDING_COLUMNS:
-        if table.column(col).null_count:
-            raise MetadataError(f"{url}: column {col!r} has missing values")
+
+
+def _release_order(table: pa.Table) -> pa.Array | None:
+    """Indices that sort ``table`` into release order; None when it is in it already."""
     shard_index = table.column(schema.SHARD_INDEX_COLUMN).to_numpy()
     in_shard = table.column(schema.INDEX_IN_SHARD_COLUMN).to_numpy()
     if np.all(
         (shard_index[1:] > shard_index[:-1])
         | ((shard_index[1:] == shard_index[:-1]) & (in_shard[1:] >= in_shard[:-1]))
     ):
-        return table  # already in release order: no copy
-    order = pc.sort_indices(
+        return None
+    return pc.sort_indices(
         table,
         sort_keys=[
             (schema.SHARD_INDEX_COLUMN, "ascending"),
             (schema.INDEX_IN_SHARD_COLUMN, "ascending"),
         ],
     )
-    return table.take(order)
 
 
 def metadata_columns(src: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

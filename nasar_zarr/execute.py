@@ -65,9 +65,8 @@ def execute(
     >>> ds = nasar_zarr.execute(plan, workers=2)  # doctest: +SKIP
     """
     so = plan.storage_options
-    table = corpus.read_metadata(plan.source, so)
-    keys = tuple(table.column(schema.KEY_COLUMN).to_pylist())
-    if keys != plan.sample_keys:
+    metadata = corpus.MetadataColumns(plan.source, so)
+    if not plan.has_keys(metadata.column(schema.KEY_COLUMN)):
         raise MetadataError(
             f"{plan.source}: metadata.parquet changed since the plan was made; plan again"
         )
@@ -80,7 +79,7 @@ def execute(
         hint="plan again: the plan's byte ranges may no longer hold",
     )
     with store_lock(plan.dest, so) as token:
-        done = layout.prepare_store(plan, table, overwrite=overwrite)
+        done = layout.prepare_store(plan, metadata, overwrite=overwrite)
         run_plan_tasks(
             plan, done=done, lock_token=token, client=client, workers=workers, progress=progress
         )

@@ -9,13 +9,14 @@ writes the rejection report and consolidates the metadata at the end.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import re
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask.array as da
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import xarray as xr
 
-from . import columns, schema, source, store
+from . import columns, coordinates, schema, source, store
 from . import metadata as meta
 from ._version import __version__
 from .errors import NotACubeError, SourceChangedError, StoreExistsError
@@ -46,20 +47,20 @@ def compressors(options: ConvertOptions) -> list:
     return []
 
 
-def skeleton(plan: ConversionPlan, table: pa.Table) -> tuple[xr.Dataset, dict]:
+def skeleton(plan: ConversionPlan, metadata_schema: pa.Schema) -> tuple[xr.Dataset, dict]:
     """The cube as a lazy Dataset (data never computed) plus its Zarr encoding.
 
-    The metadata coordinates are not in it (see :func:`metadata_coordinates`),
-    but every data variable's ``coordinates`` encoding already names them.
+    The 1-D coordinates along ``sample`` are not in it (:mod:`nasar_zarr.coordinates`
+    writes them one at a time), but every data variable's ``coordinates``
+    encoding already names the metadata ones.
     """
     n, o = plan.n_samples, plan.options
     # The configured shard even when the cube is smaller: tasks build shard objects
     # of exactly this size, and append can grow the cube into it.
     shard, inner = o.shard, o.inner_chunk
-    coords: dict[str, Any] = {schema.SAMPLE_DIM: sample_coordinate(plan)}
-    coords.update({d: (d, v, schema.LABEL_ATTRS[d]) for d, v in schema.LABELS.items()})
-    encoding: dict[str, dict] = {schema.SAMPLE_DIM: {"chunks": (max(n, 1),)}}
-    names = " ".join(_coordinate_names(table))
+    coords = {d: (d, v, schema.LABEL_ATTRS[d]) for d, v in schema.LABELS.items()}
+    encoding: dict[str, dict] = {}
+    names = " ".join(coordinates.coordinate_names(metadata_schema.names))
     ds = xr.Dataset(coords=coords)
     data_enc = {"chunks": None, "shards": None, "compressors": compressors(o)}
     for spec in schema.DATA_VARIABLES:
@@ -90,68 +91,15 @@ def skeleton(plan: ConversionPlan, table: pa.Table) -> tuple[xr.Dataset, dict]:
     encoding[schema.STATUS] = {"chunks": (shard,), "_FillValue": None}
     for var in ds.data_vars.values():
         var.encoding["coordinates"] = names  # written one by one after the skeleton
-    roles = columns.recognise(table.column_names, **dict(o.columns))
-    ds.attrs = {**provenance(plan, table), columns.ROLES_ATTR: columns.roles_attr(roles)}
+    roles = columns.recognise(metadata_schema.names, **dict(o.columns))
+    ds.attrs = {
+        **provenance(plan, metadata_schema),
+        columns.ROLES_ATTR: columns.roles_attr(roles),
+    }
     return ds, encoding
 
 
-def sample_coordinate(plan: ConversionPlan) -> tuple[str, np.ndarray, dict[str, str]]:
-    """The ``sample`` dimension coordinate: the WebDataset keys in release order."""
-    keys = np.array(plan.sample_keys, dtype=object)
-    return (schema.SAMPLE_DIM, keys, {"long_name": "WebDataset sample key"})
-
-
-def _coordinate_names(table: pa.Table) -> list[str]:
-    reserved = {
-        schema.SAMPLE_DIM,
-        *schema.LABELS,
-        *schema.VARIABLES,
-        schema.STATUS,
-        schema.RTC_PRESENT,
-    }
-    return [f"metadata_{name}" if name in reserved else name for name in table.column_names]
-
-
-def metadata_coordinates(
-    plan: ConversionPlan, table: pa.Table
-) -> Iterator[tuple[str, xr.Variable, dict[str, Any]]]:
-    """Each metadata column as ``(coordinate name, variable, encoding)``, one at a time.
-
-    One at a time so that a writer holds one column's values, not the whole table's
-    (strings become Python objects: ~1 GB for the release's table at once).
-    """
-    n = plan.n_samples
-    roles = columns.recognise(table.column_names, **dict(plan.options.columns))
-    for coord, name in zip(_coordinate_names(table), table.column_names, strict=True):
-        values, attrs = meta.encode_table(table.select([name]), roles=roles)[name]
-        enc: dict[str, Any] = {"chunks": (max(n, 1),)}
-        if attrs[meta.ENCODING_ATTR] == "timestamp":
-            unit = {
-                "s": "seconds",
-                "ms": "milliseconds",
-                "us": "microseconds",
-                "ns": "nanoseconds",
-            }[np.datetime_data(values.dtype)[0]]
-            enc.update(units=f"{unit} since 1970-01-01", dtype="int64")
-        elif values.dtype.kind == "f":
-            enc["_FillValue"] = np.nan
-        yield coord, xr.Variable(schema.SAMPLE_DIM, values, {**attrs, "nasar_column": name}), enc
-
-
-def write_coordinates(
-    plan: ConversionPlan, table: pa.Table, coordinates: Iterable[tuple[str, Any, dict]]
-) -> None:
-    """Write 1-D coordinates along ``sample`` into the store, one Zarr array each."""
-    zstore = store.zarr_store(plan.dest, plan.storage_options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for coord, variable, enc in coordinates:
-            xr.Dataset(coords={coord: variable}).to_zarr(
-                zstore, mode="a", zarr_format=3, consolidated=False, encoding={coord: enc}
-            )
-
-
-def provenance(plan: ConversionPlan, table: pa.Table) -> dict[str, Any]:
+def provenance(plan: ConversionPlan, metadata_schema: pa.Schema) -> dict[str, Any]:
     """Root attributes: CF globals plus the converter's record, as a JSON string."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     codec = plan.options.codec
@@ -164,7 +112,7 @@ def provenance(plan: ConversionPlan, table: pa.Table) -> dict[str, Any]:
         "webdataset_summary": dict(plan.summary),
         "tar_shards": [_tar_record(t) for t in plan.tar_shards],
         "n_samples": plan.n_samples,
-        "metadata_schema": meta.schema_to_text(table.schema),
+        "metadata_schema": meta.schema_to_text(metadata_schema),
     }
     return {
         "title": "NA-SAR: North America SAR pretraining corpus (Zarr cube)",
@@ -301,10 +249,12 @@ def _check_writable(dest: str) -> None:
 # ---------------------------------------------------------------------------- writing
 
 
-def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> set[int]:
+def prepare_store(
+    plan: ConversionPlan, metadata: coordinates.MetadataSource, *, overwrite: bool
+) -> set[int]:
     """Create the store, or check that the existing one matches; returns finished tasks.
 
-    The caller holds the store lock.
+    ``metadata`` is read one column at a time. The caller holds the store lock.
     """
     dest, so = plan.dest, plan.storage_options
     done = check_destination(plan, overwrite=overwrite)
@@ -313,7 +263,7 @@ def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> 
         return done
     # A skeleton without its marker was interrupted while being written: redo it.
     _clear(dest, so)
-    ds, encoding = skeleton(plan, table)
+    ds, encoding = skeleton(plan, metadata.schema)
     fault_point("skeleton")
     # mode "a" on the cleared store: mode "w" would also delete the lock this run holds.
     with warnings.catch_warnings():
@@ -326,7 +276,13 @@ def prepare_store(plan: ConversionPlan, table: pa.Table, *, overwrite: bool) -> 
             encoding=encoding,
             consolidated=False,
         )
-    write_coordinates(plan, table, metadata_coordinates(plan, table))
+    coordinates.write_coordinates(
+        dest,
+        so,
+        itertools.chain(
+            [coordinates.sample_coordinate(plan)], coordinates.metadata_coordinates(plan, metadata)
+        ),
+    )
     # Writing a lone coordinate leaves a root "coordinates" attribute: put back ours.
     store.open_group(dest, so, mode="r+", use_consolidated=False).attrs.put(ds.attrs)
     created = store.read_provenance(ds.attrs)["created"]
@@ -353,6 +309,10 @@ def save_indexes(plan: ConversionPlan) -> int:
 
 
 REPORT_EXAMPLES = 1000  # rejections.json lists this many of each kind; the Parquet report all
+REPORT_ROW_GROUP = 65_536
+REJECTION_SCHEMA = pa.schema(
+    [("shard", pa.string()), ("key", pa.string()), ("reason", pa.string()), ("row", pa.int64())]
+)
 
 
 def finalize(plan: ConversionPlan) -> None:
@@ -364,28 +324,28 @@ def finalize(plan: ConversionPlan) -> None:
     them in a small run). Task records are read one at a time, so a million
     rejections never sit in memory as Python objects.
     """
+    import pyarrow.parquet as pq
+
     so = plan.storage_options
-    tables: list[pa.Table] = []
+    sink = pa.BufferOutputStream()  # compressed: ~10 MB for a million rejections
+    writer = pq.ParquetWriter(sink, REJECTION_SCHEMA, compression="zstd")
+    batch: list[pa.Table] = []  # written in row groups of REPORT_ROW_GROUP rows
     examples: list[dict] = []
     nonfinite: list[dict] = []
     by_reason: Counter[str] = Counter()
-    n_nonfinite = 0
+    n_rejected = n_nonfinite = 0
 
     def add(rows: list[dict]) -> None:
-        if not rows:
-            return
-        tables.append(
-            pa.table(
-                {
-                    "shard": pa.array([r["shard"] for r in rows], pa.string()),
-                    "key": pa.array([r["key"] for r in rows], pa.string()),
-                    "reason": pa.array([r["reason"] for r in rows], pa.string()),
-                    "row": pa.array([r["row"] for r in rows], pa.int64()),
-                }
-            )
-        )
-        by_reason.update(reason_kind(r["reason"]) for r in rows)
-        examples.extend(rows[: max(0, REPORT_EXAMPLES - len(examples))])
+        nonlocal n_rejected
+        if rows:
+            columns = {name: [r[name] for r in rows] for name in REJECTION_SCHEMA.names}
+            batch.append(pa.table(columns, schema=REJECTION_SCHEMA))
+            by_reason.update(reason_kind(r["reason"]) for r in rows)
+            examples.extend(rows[: max(0, REPORT_EXAMPLES - len(examples))])
+            n_rejected += len(rows)
+        if batch and (not rows or sum(t.num_rows for t in batch) >= REPORT_ROW_GROUP):
+            writer.write_table(pa.concat_tables(batch))
+            batch.clear()
 
     add([{"shard": r.shard, "key": r.key, "reason": r.reason, "row": r.row} for r in plan.rejected])
     for path in store.list_json(plan.dest, store.TASKS_DIR, so):
@@ -393,12 +353,9 @@ def finalize(plan: ConversionPlan) -> None:
         add(record["rejections"])
         n_nonfinite += len(record["nonfinite"])
         nonfinite.extend(record["nonfinite"][: max(0, REPORT_EXAMPLES - len(nonfinite))])
-    n_rejected = sum(t.num_rows for t in tables)
-    if tables:
-        import pyarrow.parquet as pq
-
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.concat_tables(tables), sink, compression="zstd")
+    add([])  # the last row group
+    writer.close()
+    if n_rejected:
         fs, root = store.filesystem(plan.dest, so)
         fs.pipe_file(f"{root}/{store.REJECTIONS_PARQUET}", sink.getvalue().to_pybytes())
     else:
@@ -412,7 +369,7 @@ def finalize(plan: ConversionPlan) -> None:
             "counts": {"rejected": n_rejected, "nonfinite": n_nonfinite},
             "by_reason": dict(by_reason.most_common()),
             "complete": n_rejected <= REPORT_EXAMPLES and n_nonfinite <= REPORT_EXAMPLES,
-            "all_rejected": store.REJECTIONS_PARQUET if tables else None,
+            "all_rejected": store.REJECTIONS_PARQUET if n_rejected else None,
         },
         so,
     )

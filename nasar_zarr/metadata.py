@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import columns
 from .columns import ColumnRoles
@@ -45,8 +46,15 @@ def schema_from_text(text: str) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
-def encode_column(name: str, column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, dict]:
-    """One Arrow column as a numpy array Zarr v3 can hold, plus the attributes to undo it."""
+def encode_column(
+    name: str, column: pa.ChunkedArray | pa.Array
+) -> tuple[np.ndarray | pa.Array, dict]:
+    """One Arrow column as values Zarr v3 can hold, plus the attributes to undo it.
+
+    Numbers, booleans and times become numpy arrays; text (strings, categories,
+    JSON) stays an Arrow ``large_string`` array without nulls, written as Zarr's
+    variable-length UTF-8 by :func:`nasar_zarr.coordinates.vlen_utf8`.
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     t = column.type
@@ -83,27 +91,29 @@ def encode_column(name: str, column: pa.ChunkedArray | pa.Array) -> tuple[np.nda
         values = utc.cast(pa.timestamp(t.unit)).to_numpy(zero_copy_only=False)
         return values, {ENCODING_ATTR: "timestamp", "nasar_timezone": t.tz or ""}
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        pylist = column.to_pylist()
-        missing = _sentinel(pylist) if has_nulls else None
-        values = np.array([missing if v is None else v for v in pylist], dtype=object)
+        # Strings stay Arrow: a million footprints as Python objects would be ~1 GB.
+        text = column.cast(pa.large_string())
         attrs = {ENCODING_ATTR: "string"}
-        if missing is not None:
+        if has_nulls:
+            missing = _sentinel(text)
+            text = text.fill_null(missing)
             attrs["nasar_missing"] = missing
-        return values, attrs
-    values = np.array([json.dumps(v, default=str) for v in column.to_pylist()], dtype=object)
-    return values, {ENCODING_ATTR: "json"}
+        return text, attrs
+    text = pa.array([json.dumps(v, default=str) for v in column.to_pylist()], pa.large_string())
+    return text, {ENCODING_ATTR: "json"}
 
 
-def _sentinel(values: list) -> str:
+def _sentinel(values: pa.Array) -> str:
     """A marker for missing strings that no value in the column equals."""
-    present = set(values)
     marker = "<NA>"
-    while marker in present:
+    while pc.any(pc.equal(values, marker)).as_py():
         marker += "~"
     return marker
 
 
-def decode_column(values: np.ndarray, attrs: Mapping[str, Any], type_: pa.DataType) -> pa.Array:
+def decode_column(
+    values: np.ndarray | pa.Array, attrs: Mapping[str, Any], type_: pa.DataType
+) -> pa.Array:
     """Undo :func:`encode_column`, giving an Arrow array of the original type."""
     how = attrs.get(ENCODING_ATTR, "native")
     if how == "native":
@@ -125,26 +135,25 @@ def decode_column(values: np.ndarray, attrs: Mapping[str, Any], type_: pa.DataTy
             naive.cast(pa.timestamp(type_.unit, tz="UTC")).cast(type_) if tz else naive.cast(type_)
         )
     if how == "string":
+        text = _as_text(values)
         missing = attrs.get("nasar_missing")
-        items = [None if missing is not None and v == missing else str(v) for v in values]
+        if missing is not None:
+            text = pc.if_else(pc.equal(text, missing), pa.scalar(None, text.type), text)
         if pa.types.is_dictionary(type_):
-            categories = list(attrs["nasar_categories"])
-            code = {c: i for i, c in enumerate(categories)}
-            indices = pa.array(
-                [None if v is None else code[v] for v in items], type=type_.index_type
-            )
+            categories = pa.array(list(attrs["nasar_categories"]), type=type_.value_type)
+            indices = pc.index_in(text, value_set=categories.cast(text.type))
             return pa.DictionaryArray.from_arrays(
-                indices, pa.array(categories, type=type_.value_type), ordered=type_.ordered
+                indices.cast(type_.index_type), categories, ordered=type_.ordered
             )
-        return pa.array(items, type=type_)
+        return text.cast(type_)
     if how == "json":
-        return pa.array([json.loads(v) for v in values], type=type_)
+        return pa.array([json.loads(v) for v in _as_text(values).to_pylist()], type=type_)
     raise MetadataError(f"unknown {ENCODING_ATTR} {how!r} in a metadata coordinate")
 
 
 def encode_table(
     table: pa.Table, *, roles: ColumnRoles | None = None
-) -> dict[str, tuple[np.ndarray, dict]]:
+) -> dict[str, tuple[np.ndarray | pa.Array, dict]]:
     """Every column of ``table`` as ``name -> (values, attrs)``, with CF attributes.
 
     Parameters
@@ -159,7 +168,8 @@ def encode_table(
     Returns
     -------
     dict
-        ``name -> (values, attrs)``: the values Zarr v3 holds, and attributes that
+        ``name -> (values, attrs)``: the values Zarr v3 holds (text as Arrow
+        strings, see :func:`encode_column`), and attributes that
         undo the encoding plus a CF ``long_name`` (and ``standard_name``/``units``
         for the recognised roles, see :func:`nasar_zarr.columns.cf_attrs`).
         :func:`decode_table` ignores the CF attributes.
@@ -179,8 +189,16 @@ def encode_table(
     return out
 
 
+def _as_text(values: np.ndarray | pa.Array) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values.cast(pa.large_string())
+    return pa.array(np.asarray(values, dtype=object).ravel(), pa.large_string())
+
+
 def decode_table(
-    columns: Mapping[str, tuple[np.ndarray, Mapping]], schema: pa.Schema
+    columns: Mapping[str, tuple[np.ndarray | pa.Array, Mapping]], schema: pa.Schema
 ) -> pd.DataFrame:
     """Rebuild the metadata DataFrame (same columns, values and dtypes as read from parquet)."""
     arrays = [decode_column(*columns[f.name], f.type) for f in schema]

@@ -250,23 +250,31 @@ def _task(plan: ConversionPlan, i: int) -> ShardTask:
 class ConversionPlan:
     """What a conversion will do: the cube's rows, where each sample's bytes are, the tasks.
 
-    The index is columnar (:class:`PlanIndex`); :attr:`tasks` builds each
+    The index is columnar (:class:`PlanIndex`), the sample keys an Arrow string
+    array (a sequence of str is converted); :attr:`tasks` builds each
     :class:`ShardTask` (with only its own spans) when it is asked for.
     """
 
     source: str
     dest: str
     options: ConvertOptions
-    sample_keys: tuple[str, ...]
+    sample_keys: pa.StringArray
     tar_shards: tuple[TarShard, ...]
     index: PlanIndex
     rejected: tuple[Rejection, ...] = ()
     summary: Mapping[str, Any] = field(default_factory=dict)
     storage_options: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_keys", _strings(self.sample_keys))
+
     @property
     def n_samples(self) -> int:
         return len(self.sample_keys)
+
+    def has_keys(self, keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> bool:
+        """Whether ``keys`` are the plan's sample keys, in the same order."""
+        return _strings(keys).equals(self.sample_keys)
 
     @property
     def tasks(self) -> TaskList:
@@ -323,7 +331,7 @@ class ConversionPlan:
             "options": asdict(self.options),
             "tar_shards": [asdict(t) for t in self.tar_shards],
             "summary": dict(self.summary),
-            "sample_keys": _pack_json(list(self.sample_keys)),
+            "sample_keys": _pack_json(self.sample_keys.to_pylist()),
             "rejected": _pack_json(
                 {
                     "shard": [x.shard for x in r],
@@ -361,7 +369,7 @@ class ConversionPlan:
             options=ConvertOptions(
                 **{**d["options"], "columns": tuple(map(tuple, d["options"].get("columns", ())))}
             ),
-            sample_keys=tuple(_unpack_json(d["sample_keys"])),
+            sample_keys=pa.array(_unpack_json(d["sample_keys"]), pa.string()),
             tar_shards=tuple(TarShard(**s) for s in d["tar_shards"]),
             index=PlanIndex(
                 tuple(_unpack_index(t) for t in d["tars"]),
@@ -479,7 +487,7 @@ def assemble_plan(
 
     ``indexed`` holds one :class:`IndexedTar` per tar shard. Matching is
     columnar (Arrow hash joins over the keys), so a million samples cost no
-    per-sample Python objects beyond the plan's ``sample_keys``.
+    per-sample Python objects.
 
     Parameters
     ----------
@@ -614,12 +622,11 @@ def assemble_plan(
             row,
         )
     row_pos[row_tar < 0] = 0
-    sample_keys = tuple(keys) if isinstance(keys, (list, tuple)) else tuple(key_arr.to_pylist())
     return ConversionPlan(
         source=src,
         dest=dest,
         options=options,
-        sample_keys=sample_keys,
+        sample_keys=key_arr,
         tar_shards=tuple(tar.shard for tar in indexed),
         index=PlanIndex(tuple(tar.entries for tar in indexed), row_tar, row_pos),
         rejected=tuple(rejected),
@@ -628,11 +635,11 @@ def assemble_plan(
     )
 
 
-def _strings(values: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+def _strings(values: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.StringArray:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if isinstance(values, pa.Array):
-        return values.cast(pa.string())
+        return values if values.type == pa.string() else values.cast(pa.string())
     return pa.array(list(values), pa.string())
 
 

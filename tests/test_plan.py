@@ -98,7 +98,7 @@ def test_options_are_validated():
 def test_real_corpus_plan(small_corpus, tmp_path):
     plan = plan_conversion(str(small_corpus.root), str(tmp_path / "c.zarr"), shard=8, inner_chunk=2)
     assert plan.n_samples == 32
-    assert list(plan.sample_keys) == small_corpus.metadata["sample_key"].tolist()
+    assert plan.sample_keys.to_pylist() == small_corpus.metadata["sample_key"].tolist()
     assert [(t.start, t.stop) for t in plan.tasks] == [(0, 8), (8, 16), (16, 24), (24, 32)]
     # tar boundaries at 11 and 18 fall inside Zarr shards 1 and 2
     assert [[s.shard_path[-10:-4] for s in t.spans] for t in plan.tasks] == [
