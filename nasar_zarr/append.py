@@ -17,7 +17,7 @@ import xarray as xr
 
 from . import coordinates, corpus, layout, schema, store
 from . import metadata as meta
-from .cube import metadata_table, open_cube
+from .cube import open_cube
 from .errors import MetadataError, StoreExistsError
 from .faults import fault_point
 from .lock import store_lock
@@ -38,7 +38,7 @@ def append_plan(
     n_old, n_new = int(recorded["n_samples"]), plan.n_samples
     intent = store.read_json(dest, store.APPEND_FILE, so)
     resuming = intent is not None and intent.get("to") == n_new
-    table = corpus.read_metadata(src, so)
+    metadata = corpus.MetadataColumns(src, so)  # one column at a time
     if not resuming:
         layout.check_source_unchanged(
             layout.recorded_tars(recorded),
@@ -49,15 +49,15 @@ def append_plan(
             same_location=src == recorded.get("source"),
         )
         if n_new != n_old:
-            _check_prefix(plan, table, recorded, n_old)
+            _check_prefix(plan, metadata, recorded, n_old)
     with store_lock(dest, so) as token:
         if n_new != n_old or resuming:
             start = intent["from"] if resuming else n_old
             store.write_json(
                 dest, store.APPEND_FILE, {"from": start, "to": n_new, "source": src}, so
             )
-            _extend_store(plan, table, n_old=start)
-        done = layout.prepare_store(plan, table, overwrite=False)
+            _extend_store(plan, metadata, n_old=start)
+        done = layout.prepare_store(plan, metadata, overwrite=False)
         run_plan_tasks(
             plan,
             done=done,
@@ -72,32 +72,45 @@ def append_plan(
     return open_cube(dest, storage_options=so)
 
 
-def _check_prefix(plan: ConversionPlan, table: pa.Table, recorded: dict, n_old: int) -> None:
-    """The cube's samples must be the first ``n_old`` of the grown release, unchanged."""
+def _check_prefix(
+    plan: ConversionPlan, metadata: corpus.MetadataColumns, recorded: dict, n_old: int
+) -> None:
+    """The cube's samples must be the first ``n_old`` of the grown release, unchanged.
+
+    Compared one metadata column at a time, so a million-sample cube is checked
+    without holding its whole table twice.
+    """
     src, dest, so = plan.source, plan.dest, plan.storage_options
     group = store.open_group(dest, so, use_consolidated=False)
-    old_keys = store.read(group, schema.SAMPLE_DIM).tolist()
-    if plan.n_samples < n_old or plan.sample_keys.slice(0, n_old).to_pylist() != old_keys:
+    old_keys = store.read(group, schema.SAMPLE_DIM)
+    if plan.n_samples < n_old or not plan.sample_keys.slice(0, n_old).equals(
+        pa.array(old_keys, pa.string())
+    ):
         raise StoreExistsError(
             f"{dest}: the cube's {n_old:,} samples are not the first samples of {src} in"
             " release order; append only adds shards after the cube's last one"
         )
     recorded_schema = meta.schema_from_text(recorded["metadata_schema"])
-    if recorded_schema.remove_metadata() != table.schema.remove_metadata():
+    if recorded_schema.remove_metadata() != metadata.schema.remove_metadata():
         raise MetadataError(
             f"{src}: metadata.parquet columns or types differ from the"
             " cube's; append needs the same table layout"
         )
-    if not metadata_table(open_cube(dest, storage_options=so)).equals(
-        table.slice(0, n_old).to_pandas()
-    ):
-        raise StoreExistsError(
-            f"{dest}: the metadata of the cube's {n_old:,} samples differs from the first"
-            f" {n_old:,} rows of {src}; append only adds shards after the cube's last one"
-        )
+    cube = open_cube(dest, storage_options=so)
+    names = metadata.schema.names
+    for coord, field in zip(coordinates.coordinate_names(names), metadata.schema, strict=True):
+        stored = cube[coord]
+        ours = meta.decode_column(stored.values, stored.attrs, field.type).to_pandas()
+        theirs = metadata.column(field.name).slice(0, n_old).to_pandas()
+        if not ours.equals(theirs):
+            raise StoreExistsError(
+                f"{dest}: the metadata of the cube's {n_old:,} samples differs from the first"
+                f" {n_old:,} rows of {src} (column {field.name!r}); append only adds shards"
+                " after the cube's last one"
+            )
 
 
-def _extend_store(plan: ConversionPlan, table: pa.Table, *, n_old: int) -> None:
+def _extend_store(plan: ConversionPlan, metadata: corpus.MetadataColumns, *, n_old: int) -> None:
     """Resize every ``sample`` array, rewrite the 1-D coordinates, update provenance."""
     dest, so, n = plan.dest, plan.storage_options, plan.n_samples
     group = store.open_group(dest, so, mode="r+", use_consolidated=False)
@@ -105,13 +118,14 @@ def _extend_store(plan: ConversionPlan, table: pa.Table, *, n_old: int) -> None:
         array = store.array(group, name)
         array.resize((n, *array.shape[1:]))
     fault_point("after-resize")
-    ds, _ = layout.skeleton(plan, table.schema)
+    ds, _ = layout.skeleton(plan, metadata.schema)
     # Rewritten whole: each 1-D coordinate is one chunk.
     coordinates.write_coordinates(
         dest,
         so,
         itertools.chain(
-            [coordinates.sample_coordinate(plan)], coordinates.metadata_coordinates(plan, table)
+            [coordinates.sample_coordinate(plan)],
+            coordinates.metadata_coordinates(plan, metadata),
         ),
     )
     # The partial last shard gets new samples: its single task rewrites it whole.
