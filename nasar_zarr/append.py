@@ -17,7 +17,7 @@ import xarray as xr
 
 from . import coordinates, corpus, layout, schema, store
 from . import metadata as meta
-from .cube import open_cube
+from .cube import metadata_differences, open_cube
 from .errors import MetadataError, StoreExistsError
 from .faults import fault_point
 from .lock import store_lock
@@ -96,18 +96,13 @@ def _check_prefix(
             f"{src}: metadata.parquet columns or types differ from the"
             " cube's; append needs the same table layout"
         )
-    cube = open_cube(dest, storage_options=so)
-    names = metadata.schema.names
-    for coord, field in zip(coordinates.coordinate_names(names), metadata.schema, strict=True):
-        stored = cube[coord]
-        ours = meta.decode_column(stored.values, stored.attrs, field.type).to_pandas()
-        theirs = metadata.column(field.name).slice(0, n_old).to_pandas()
-        if not ours.equals(theirs):
-            raise StoreExistsError(
-                f"{dest}: the metadata of the cube's {n_old:,} samples differs from the first"
-                f" {n_old:,} rows of {src} (column {field.name!r}); append only adds shards"
-                " after the cube's last one"
-            )
+    differs = metadata_differences(open_cube(dest, storage_options=so), metadata, rows=n_old)
+    if differs:
+        raise StoreExistsError(
+            f"{dest}: the metadata of the cube's {n_old:,} samples differs from the first"
+            f" {n_old:,} rows of {src} (column {differs[0][0]!r}); append only adds shards"
+            " after the cube's last one"
+        )
 
 
 def _extend_store(plan: ConversionPlan, metadata: corpus.MetadataColumns, *, n_old: int) -> None:

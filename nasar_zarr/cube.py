@@ -277,3 +277,32 @@ def metadata_table(ds: xr.Dataset) -> pd.DataFrame:
         if column is not None:
             columns[column] = (coord.values, coord.attrs)
     return meta.decode_table(columns, arrow_schema)
+
+
+def metadata_differences(
+    ds: xr.Dataset, metadata: Any, *, rows: int | None = None
+) -> list[tuple[str, str]]:
+    """``(column, problem)`` for each column of ``metadata`` the cube does not hold exactly.
+
+    ``metadata`` is a ``pyarrow.Table`` or :class:`nasar_zarr.corpus.MetadataColumns`
+    (the release's ``metadata.parquet`` in release order); with ``rows``, only its
+    first ``rows`` rows are compared (the cube's, before an append). One column at
+    a time, so a million-sample cube is compared without holding either table whole.
+    """
+    recorded = meta.schema_from_text(provenance(ds)["metadata_schema"])
+    coords = {
+        c.attrs["nasar_column"]: name for name, c in ds.coords.items() if "nasar_column" in c.attrs
+    }
+    found = []
+    for field in metadata.schema:
+        if field.name not in coords:
+            found.append((field.name, "metadata column missing from the cube"))
+            continue
+        stored = ds[coords[field.name]]
+        type_ = recorded.field(field.name).type if field.name in recorded.names else field.type
+        ours = meta.decode_column(stored.values, stored.attrs, type_)
+        theirs = metadata.column(field.name)
+        theirs = theirs if rows is None else theirs.slice(0, rows)
+        if not ours.to_pandas().equals(theirs.to_pandas()):
+            found.append((field.name, "metadata coordinate differs from metadata.parquet"))
+    return found

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from . import schema, store
-from .corpus import read_metadata
-from .cube import metadata_table, open_cube
+from .corpus import MetadataColumns
+from .cube import metadata_differences, open_cube
 from .errors import SourceError
 from .plan import ConversionPlan, ShardTask
 from .runner import run_calls
@@ -197,15 +196,4 @@ def _compare_task(
 
 def _compare_metadata(dest: str, src: str, so) -> list[Mismatch]:
     ds = open_cube(dest, storage_options=so)
-    stored = metadata_table(ds)
-    original = read_metadata(src, so).to_pandas()
-    found = []
-    for column in original.columns:
-        if column not in stored.columns:
-            found.append(Mismatch(column, "metadata column missing from the cube"))
-            continue
-        try:
-            pd.testing.assert_series_equal(stored[column], original[column], check_names=False)
-        except AssertionError:
-            found.append(Mismatch(column, "metadata coordinate differs from metadata.parquet"))
-    return found
+    return [Mismatch(*d) for d in metadata_differences(ds, MetadataColumns(src, so))]

@@ -162,6 +162,36 @@ def test_verify_with_source_names_mismatching_samples(corpus, tmp_path):
     assert "slope_deg/c/1/0/0: stored object is damaged" in result.stdout
 
 
+def test_verify_with_source_names_a_changed_metadata_column(tmp_path):
+    """Compared column by column; equal NaNs and nulls are equal, a changed value is not."""
+    import pyarrow as pa
+
+    corpus = write_corpus(tmp_path / "c", n_shards=2, samples_per_shard=[3, 4], seed=21)
+    path = corpus.root / "metadata.parquet"
+    table = pq.read_table(path)
+    quality = table.column("quality_score").to_numpy().copy()
+    quality[1] = np.nan
+    table = table.set_column(
+        table.schema.get_field_index("quality_score"), "quality_score", pa.array(quality)
+    )
+    table = table.append_column("note", pa.array(["a", None, "b", "", None, "c", "d"]))
+    pq.write_table(table, path)
+    dest = tmp_path / "cube.zarr"
+    nz.plan_conversion(str(corpus.root), str(dest), shard=4).execute(workers=0)
+    assert verify(str(dest), src=str(corpus.root), workers=0).ok
+    quality[2] += 0.5
+    pq.write_table(
+        table.set_column(
+            table.schema.get_field_index("quality_score"), "quality_score", pa.array(quality)
+        ),
+        path,
+    )
+    report = verify(str(dest), src=str(corpus.root), workers=0)
+    assert [str(m) for m in report.mismatches] == [
+        "quality_score: metadata coordinate differs from metadata.parquet"
+    ]
+
+
 def test_verify_reports_an_unfinished_conversion(corpus, tmp_path):
     dest = tmp_path / "cube.zarr"
     killed = cli(
@@ -218,8 +248,9 @@ def test_append_refuses_a_different_history(tmp_path):
     b = write_corpus(tmp_path / "b", n_shards=2, samples_per_shard=3, seed=2)
     dest = tmp_path / "cube.zarr"
     nz.plan_conversion(str(a.root), str(dest), shard=2).execute(workers=0)
-    with pytest.raises(StoreExistsError, match="the metadata of the cube's 3 samples differs"):
+    with pytest.raises(StoreExistsError, match="the metadata of the cube's 3 samples differs") as e:
         append(str(b.root), str(dest), workers=0)
+    assert "(column 'opera_granule_id')" in str(e.value)
     assert verify(str(dest), workers=0).ok
 
 
