@@ -10,11 +10,18 @@ result is within one bin width of ``numpy.quantile`` on the same values (see
 
 For ``rtc``, missing polarizations (``rtc_present`` False) are left out, as are
 NaN values (unwritten samples) and anything the transform makes non-finite.
+
+The per-chunk kernel (:func:`fused_counts_kernel`) returns exactly the counts of
+transforming in float32 and calling :func:`numpy.histogram`, but for float32
+data it finds them without transforming: a value's bin follows from its bit
+pattern, through thresholds computed once per ``(transform, bins, range, clip)``
+with the same numpy expressions and checked against :func:`numpy.histogram`.
 """
 
 from __future__ import annotations
 
 import builtins
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -241,10 +248,17 @@ def fused_counts_kernel(
     """Counts of one block in one pass: ``(groups, 1, bins)`` int64.
 
     ``x`` is a block of the variable (sample axis first); ``present`` (or None)
-    a boolean block over its leading axes (``rtc_present`` for ``rtc``): only
-    present channels are copied out, transformed in place and binned, so a
-    block costs one copy, the transform and :func:`numpy.histogram` (the
-    generic path made ~5 full-size temporaries). ``axis`` is the group axis.
+    a boolean block over its leading axes (``rtc_present`` for ``rtc``);
+    ``axis`` is the group axis. The counts are those of the reference
+    (:func:`_reference_fused_counts`: the present values, transformed as
+    :data:`TRANSFORMS` in float32 and binned by :func:`numpy.histogram`), bit
+    for bit. For float32 input they are found without transforming: the bin of
+    a value depends only on its bit pattern, through thresholds found once per
+    ``(transform, bins, range, clip)`` (see :func:`_bin_plan`), so a block costs
+    a shift, a table lookup and :func:`numpy.bincount` of ``bits >> 12``, plus
+    an exact comparison for the few values in a cell that holds a threshold.
+    Other input, and any case :func:`_bin_plan` cannot vouch for, takes the
+    reference.
 
     Parameters
     ----------
@@ -264,6 +278,31 @@ def fused_counts_kernel(
     numpy.ndarray
         ``(groups, 1, bins)`` int64 counts of the finite transformed values.
     """
+    plan = None
+    if _fast_path_applies(x, present, axis, transform, bins, range):
+        plan = _bin_plan(transform, bins, range[0], range[1], bool(clip))
+    if plan is None:
+        return _reference_fused_counts(
+            x, present, axis=axis, transform=transform, bins=bins, range=range, clip=clip
+        )
+    return _plan_counts(x, present, axis, plan)
+
+
+def _reference_fused_counts(
+    x: np.ndarray,
+    present: np.ndarray | None,
+    *,
+    axis: int | None,
+    transform: str | None,
+    bins: int,
+    range: tuple[float, float],
+    clip: bool,
+) -> np.ndarray:
+    """:func:`fused_counts_kernel` the direct way; the definition of its counts.
+
+    Only present channels are copied out, transformed in place and binned by
+    :func:`numpy.histogram`: one copy, the transform and the histogram per group.
+    """
     fn = _INPLACE[transform]
     n_groups = 1 if axis is None else x.shape[axis]
     out = np.zeros((n_groups, 1, bins), dtype=np.int64)
@@ -276,12 +315,343 @@ def fused_counts_kernel(
         else:
             v = np.array(xg, copy=True)
         v = fn(v.astype(np.result_type(v.dtype, np.float32), copy=False))
-        if clip:
-            v[~np.isfinite(v)] = np.nan  # NaN is never counted; +-inf is not valid either
-            np.clip(v, range[0], range[1], out=v)
-        # np.histogram with a range drops NaN and +-inf (outside the range).
-        out[g, 0] = np.histogram(v, bins=bins, range=range)[0]
+        out[g, 0] = _reference_histogram(v, bins=bins, range=range, clip=clip)
     return out
+
+
+def _reference_histogram(
+    v: np.ndarray, *, bins: int, range: tuple[float, float], clip: bool, weights: Any = None
+) -> np.ndarray:
+    """The reference's binning of transformed values ``v`` (modified in place)."""
+    if clip:
+        v[~np.isfinite(v)] = np.nan  # NaN is never counted; +-inf is not valid either
+        np.clip(v, range[0], range[1], out=v)
+    # np.histogram with a range drops NaN and +-inf (outside the range).
+    return np.histogram(v, bins=bins, range=range, weights=weights)[0]
+
+
+# The fast path. A float32 value's bin is a function of its bit pattern, and, the
+# transform being monotone, a step function of its order: it changes only at
+# thresholds (the least x whose transform reaches a bin), found by bisection over
+# bit patterns with the very numpy expressions the reference evaluates, so exact
+# for this numpy and libm. Counting is a bincount of cells (bit patterns >> _SHIFT,
+# 1/2048 of an octave): a cell without a threshold lies in one bin; values in the
+# few cells with one are compared with the thresholds themselves.
+_SHIFT = 12
+_HALF = 1 << (31 - _SHIFT)  # raw cells [0, _HALF) hold +0.0 to +NaN, the rest the negatives
+_NAN_CELL = _HALF - 1  # positive NaNs 0x7FFFF000...: never counted (absent channels go here)
+_KEY_NEG_INF = -0x7F800001  # order keys (see _keys) of -inf and +inf
+_KEY_POS_INF = 0x7F800000
+_WINDOW = 64  # ulps either side of a threshold in which monotonicity is checked
+_MAX_PER_CELL = 32  # thresholds in one cell beyond which the reference is used
+_MAX_BINS = 1 << 14  # beyond, the reference (the checks grow with the bins)
+_CHUNK = 1 << 22  # values per bincount: bounds memory on large blocks
+
+
+def _keys(bits: np.ndarray) -> np.ndarray:
+    """int32 float32 bit patterns <-> int32 keys in the floats' order (an involution).
+
+    -0.0 is just below +0.0, positive NaNs are above +inf, negative ones below -inf.
+    """
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _floats(keys: np.ndarray) -> np.ndarray:
+    """The float32 values of order keys, as a new contiguous array."""
+    return _keys(np.asarray(keys, dtype=np.int32)).view(np.float32)
+
+
+def _fast_path_applies(
+    x: np.ndarray,
+    present: np.ndarray | None,
+    axis: int | None,
+    transform: str | None,
+    bins: int,
+    range: tuple[float, float],
+) -> bool:
+    """Whether the arguments are ones the fast path reproduces (else: the reference)."""
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.size > 0):
+        return False
+    if transform not in _INPLACE or type(bins) is not int or not 1 <= bins <= _MAX_BINS:
+        return False
+    if len(range) != 2 or not _subnormals_work():
+        return False
+    # Python floats (or ints a float32 holds exactly) are what np.histogram compares in
+    # float32 and turns into float32 edges; numpy scalars would promote to float64.
+    for r in range:
+        if type(r) is int:
+            if abs(r) > 2**24:
+                return False
+        elif type(r) is not float:
+            return False
+    if axis is not None and not (type(axis) is int and 0 <= axis < x.ndim):
+        return False
+    if present is not None:
+        if not (isinstance(present, np.ndarray) and present.dtype == bool):
+            return False
+        if present.ndim > x.ndim or (axis is not None and axis >= present.ndim):
+            return False
+        lead = x.shape[: present.ndim]
+        if any(p not in (1, n) for p, n in zip(present.shape, lead, strict=True)):
+            return False
+        if axis is not None and present.shape[axis] != x.shape[axis]:
+            return False  # the reference takes the mask group by group
+    return True
+
+
+def _subnormals_work() -> bool:
+    """Whether this thread's floating point keeps subnormals (no flush-to-zero or
+    denormals-are-zero mode, which some libraries set): the thresholds assume it."""
+    tiny = np.array([1e-45, 2.0], dtype=np.float32)
+    return bool(tiny[0] > 0) and bool(np.multiply(tiny[:1], tiny[1:])[0] > tiny[0])
+
+
+class _BinPlan:
+    """Read-only tables of the fast path for one ``(transform, bins, range, clip)``.
+
+    Bin ``j`` holds the values whose order key is in ``[K[j], K[j + 1])``; keys
+    below ``K[0]`` or from ``K[bins]`` on are not counted. A straddled cell holds
+    at least one ``K``; the others are summed whole, per segment of cells.
+    """
+
+    def __init__(self, keys: np.ndarray, bins: int) -> None:
+        self.bins = bins
+        kc = keys >> _SHIFT  # key cell of each threshold (arithmetic shift: floor)
+        cells = np.unique(kc)
+        raw = np.where(cells >= 0, cells, _HALF - 1 - cells)
+        first = np.searchsorted(kc, cells, side="left")
+        count = np.searchsorted(kc, cells, side="right") - first
+        per_cell = int(count.max())
+        self.per_cell = per_cell
+        # per straddled cell: its thresholds (padded with a key nothing reaches) and the
+        # label after t of them: a bin, or `bins` for "not counted"
+        thresholds = np.full((cells.size, per_cell), np.iinfo(np.int64).max, dtype=np.int64)
+        labels = np.empty((cells.size, per_cell + 1), dtype=np.intp)
+        for t in builtins.range(per_cell + 1):
+            seg = first - 1 + t
+            labels[:, t] = np.where((seg >= 0) & (seg < bins), seg, bins)
+            if t < per_cell:
+                has = t < count
+                thresholds[has, t] = keys[first[has] + t]
+        # per raw cell: straddled or not; and which straddled cell it is
+        straddled = np.zeros(2 * _HALF, dtype=bool)
+        straddled[raw] = True
+        slot = np.zeros(2 * _HALF, dtype=np.uint16)
+        slot[raw] = np.arange(cells.size)
+        # whole cells of bin j: strictly between the cells of K[j] and K[j + 1]
+        start, stop = kc[:-1] + 1, kc[1:]
+        full = np.flatnonzero(start < stop)
+        if full.size:
+            lo, hi = int(start[full[0]]), int(stop[full[-1]])
+            self.starts = start[full] - lo
+            self.seg_bins = full
+            # key cells [lo, hi) as raw-cell slices: negative keys reversed, then positive
+            self.neg = (_HALF - min(hi, 0), _HALF - lo) if lo < 0 else (0, 0)
+            self.pos = (max(lo, 0), hi) if hi > 0 else (0, 0)
+        else:
+            self.starts = self.seg_bins = np.zeros(0, dtype=np.intp)
+            self.neg = self.pos = (0, 0)
+        self.cells = max(self.neg[1], self.pos[1], int(raw.max()) + 1)
+        self.is_straddled, self.slot, self.straddled = straddled, slot, raw.astype(np.intp)
+        self.thresholds, self.labels = thresholds, labels
+        arrays = (self.starts, self.seg_bins, straddled, slot, self.straddled, thresholds, labels)
+        for a in arrays:
+            a.flags.writeable = False
+        # flat, for one-dimensional takes: slot s, threshold t at s * per_cell + t
+        self.flat_thresholds = thresholds.ravel()
+        self.flat_labels = labels.ravel()
+
+
+@functools.lru_cache(maxsize=32)  # ~3 MB each
+def _bin_plan(
+    transform: str | None, bins: int, lo: float, hi: float, clip: bool
+) -> _BinPlan | None:
+    """Thresholds and tables for the fast path, or None where it cannot vouch for them.
+
+    Thresholds are found by bisection over float32 order keys, evaluating the
+    reference's own transform (:data:`_INPLACE`, on a contiguous float32 array
+    as the reference does) and comparing with numpy's float32 edges; the plan
+    is used only if
+
+    - the edges are at least 8 float32 ulps apart (then :func:`numpy.histogram`
+      places ``v`` in bin ``i`` exactly when ``edges[i] <= v < edges[i+1]``:
+      its index estimate is within one bin and it corrects one step);
+    - the predicates are monotone in a window of :data:`_WINDOW` ulps around
+      every threshold and on a coarse grid over all floats, and the transform
+      does not depend on where a value sits in an array (a libm function
+      within a few ulps of an increasing one can only be out of order between
+      inputs whose results are a few ulps apart: near a threshold, that is
+      inside the window; float32 ``log1p20`` and ``db`` were also found
+      monotone over every float32 with numpy 2.4 and glibc 2.36);
+    - the reference binning (:func:`_reference_histogram`) of the values next
+      to every threshold and of special values (zeros, infinities, NaN, the
+      extremes) is the plan's, value by value.
+
+    The result is cached (pure, read-only arrays), so safe across threads.
+    """
+    fn = _INPLACE[transform]
+    flo, fhi = np.float32(lo), np.float32(hi)
+    if not (np.isfinite(flo) and np.isfinite(fhi) and lo < hi):
+        return None
+    # np.histogram's edges for float32 data and a range of Python numbers
+    edges = np.linspace(lo, hi, bins + 1, dtype=np.float32)
+    ulp = np.spacing(max(abs(flo), abs(fhi)))
+    if not (np.all(np.isfinite(edges)) and (hi - lo) / bins >= 8 * float(ulp)):
+        return None
+    big = np.finfo(np.float32).max
+    # key K[j] is the least x with f(x) >= c[j] (> for the last: the first not counted)
+    if clip:  # finite values count, those outside the range in the end bins
+        c = np.concatenate([[-big], edges[1:-1], [np.inf]]).astype(np.float32)
+    else:
+        top = np.nextafter(edges[-1], np.float32(np.inf))
+        c = np.concatenate([edges[:-1], [top]]).astype(np.float32)
+
+    def transformed(keys: np.ndarray) -> np.ndarray:
+        return fn(_floats(keys))
+
+    with np.errstate(all="ignore"):
+        low = np.full(c.size, _KEY_NEG_INF, dtype=np.int64)
+        high = np.full(c.size, _KEY_POS_INF + 1, dtype=np.int64)
+        while np.any(active := low < high):
+            mid = (low + high) >> 1
+            reached = transformed(mid) >= c
+            high = np.where(active & reached, mid, high)
+            low = np.where(active & ~reached, mid + 1, low)
+        keys = low
+        if np.any(np.diff(keys) < 0):
+            return None
+        # monotone (and layout-independent) around every threshold
+        near = np.clip(
+            keys[:, None] + np.arange(-_WINDOW, _WINDOW), _KEY_NEG_INF, _KEY_POS_INF
+        ).ravel()
+        values = transformed(near)
+        again = transformed(near[::-1].copy())[::-1]
+        shifted = transformed(near[1:])
+        if not (
+            np.array_equal(values.view(np.uint32), again.view(np.uint32))
+            and np.array_equal(values[1:].view(np.uint32), shifted.view(np.uint32))
+        ):
+            return None
+        reached = (values.reshape(c.size, -1) >= c[:, None]).ravel()
+        if not np.array_equal(reached, near >= np.repeat(keys, 2 * _WINDOW)):
+            return None
+        # and on a coarse grid over all floats
+        grid = np.linspace(_KEY_NEG_INF, _KEY_POS_INF, 1 << 14).astype(np.int64)
+        fv = transformed(grid)
+        steps = np.where(np.isnan(fv), 0, np.searchsorted(c, fv, side="right"))
+        if not np.array_equal(steps, np.searchsorted(keys, grid, side="right")):
+            return None
+        # the reference bins values next to the thresholds and special values as planned
+        probe = np.clip(keys[:, None] + np.arange(-1, 1), _KEY_NEG_INF, _KEY_POS_INF).ravel()
+        specials = np.array(
+            [0.0, -0.0, np.inf, -np.inf, np.nan, big, -big, 1e-45, -1e-45, lo, hi, 1.0, -1.0],
+            dtype=np.float32,
+        )
+        probe = np.concatenate([probe, _keys(specials.view(np.int32)).astype(np.int64)])
+        seg = np.searchsorted(keys, probe, side="right") - 1
+        planned = np.where((seg >= 0) & (seg < bins), seg, -1)
+        if not np.array_equal(_reference_bins(transformed(probe), bins, (lo, hi), clip), planned):
+            return None
+    plan = _BinPlan(keys, bins)
+    if plan.per_cell > _MAX_PER_CELL or plan.straddled.size >= np.iinfo(np.uint16).max:
+        return None
+    return plan
+
+
+def _reference_bins(v: np.ndarray, bins: int, range: tuple[float, float], clip: bool) -> np.ndarray:
+    """The bin :func:`_reference_histogram` gives each of the transformed values, or -1.
+
+    Each value weighs a distinct power of two, 52 at a time, so every bin's
+    (exact) sum of weights names its members.
+    """
+    out = np.full(v.size, -1, dtype=np.intp)
+    for at in builtins.range(0, v.size, 52):
+        part = v[at : at + 52].copy()
+        bit = np.arange(part.size, dtype=np.uint64)
+        sums = _reference_histogram(
+            part, bins=bins, range=range, clip=clip, weights=np.ldexp(1.0, bit.astype(np.int64))
+        )
+        where = np.flatnonzero(sums)
+        members = (sums[where].astype(np.uint64)[:, None] >> bit) & np.uint64(1)
+        row, col = np.nonzero(members)
+        out[at + col] = where[row]
+        out[at + np.flatnonzero(members.sum(axis=0) > 1)] = -2  # in two bins: refuse
+    return out
+
+
+def _plan_counts(
+    x: np.ndarray, present: np.ndarray | None, axis: int | None, plan: _BinPlan
+) -> np.ndarray:
+    """:func:`fused_counts_kernel` of float32 ``x`` with a :class:`_BinPlan`."""
+    x = np.ascontiguousarray(x)
+    shape = x.shape
+    if axis is None:
+        outer, n_groups, inner = 1, 1, x.size
+    else:
+        outer, n_groups = int(np.prod(shape[:axis])), shape[axis]
+        inner = int(np.prod(shape[axis + 1 :]))
+    # (outer, group, inner): a group's values are `outer` rows of `inner` contiguous values
+    bits = x.reshape(outer, n_groups, inner).view(np.uint32)
+    flat = bits.reshape(-1)
+    absent = None
+    if present is not None:
+        mask = np.broadcast_to(present, shape[: present.ndim])
+        absent = ~np.ascontiguousarray(mask).reshape(outer, n_groups, -1)
+    out = np.zeros((n_groups, 1, plan.bins), dtype=np.int64)
+    per_chunk = max(1, _CHUNK // inner)  # rows per bincount
+    buffer = np.empty(min(per_chunk, outer) * inner, dtype=np.intp)
+    for g in builtins.range(n_groups):
+        # rows with no present channel are skipped, not read
+        rows = np.arange(outer) if absent is None else np.flatnonzero(~absent[:, g].all(axis=1))
+        for c0 in builtins.range(0, rows.size, per_chunk):
+            chunk = rows[c0 : c0 + per_chunk]
+            idx = buffer[: chunk.size * inner].reshape(chunk.size, inner)
+            runs = np.flatnonzero(np.diff(chunk) != 1) + 1  # runs of consecutive rows
+            for a, b in zip([0, *runs], [*runs, chunk.size], strict=True):
+                np.right_shift(bits[chunk[a] : chunk[b - 1] + 1, g], _SHIFT, out=idx[a:b])
+            if absent is not None:
+                part = absent[chunk, g]
+                if part.any():
+                    idx.reshape(chunk.size, part.shape[1], -1)[part] = _NAN_CELL
+            out[g, 0] += _cell_counts(idx, flat, (chunk * n_groups + g) * inner, plan)
+    return out
+
+
+def _cell_counts(
+    idx: np.ndarray, flat: np.ndarray, row_at: np.ndarray, plan: _BinPlan
+) -> np.ndarray:
+    """``(bins,)`` int64 counts of the values with cells ``idx`` (rows, n).
+
+    Their bit patterns are ``flat[row_at[row] + column]``.
+    """
+    counts = np.zeros(plan.bins + 1, dtype=np.int64)
+    at = np.flatnonzero(np.take(plan.is_straddled, idx))
+    if at.size:  # values in straddled cells: compared with the cell's thresholds
+        n = idx.shape[1]
+        if n & (n - 1) == 0:  # shifts, cheaper than divmod
+            row, column = at >> (n.bit_length() - 1), at & (n - 1)
+        else:
+            row, column = np.divmod(at, n)
+        bits = flat[row_at[row] + column]
+        which = np.take(plan.slot, bits >> _SHIFT).astype(np.intp)
+        key = _keys(bits.view(np.int32))
+        per_cell = plan.per_cell
+        if per_cell == 1:
+            passed = (key >= np.take(plan.flat_thresholds, which)).view(np.int8)
+        else:
+            first = which * per_cell
+            passed = np.zeros(at.size, dtype=np.intp)
+            for t in builtins.range(per_cell):
+                passed += key >= np.take(plan.flat_thresholds, first + t)
+        label = np.take(plan.flat_labels, which * (per_cell + 1) + passed)
+        counts += np.bincount(label, minlength=plan.bins + 1)
+    if plan.seg_bins.size:  # the other values, whole cells at a time
+        cc = np.bincount(idx.reshape(-1), minlength=plan.cells)
+        cc[plan.straddled] = 0
+        parts = [cc[plan.neg[0] : plan.neg[1]][::-1], cc[plan.pos[0] : plan.pos[1]]]
+        cells = np.concatenate(parts) if all(p.size for p in parts) else max(parts, key=len)
+        counts[plan.seg_bins] += np.add.reduceat(cells, plan.starts)
+    return counts[: plan.bins]
 
 
 def _fused_counts(
