@@ -22,7 +22,7 @@ from .cube import metadata_differences, open_cube
 from .errors import SourceError
 from .plan import ConversionPlan, ShardTask
 from .runner import run_calls
-from .task import chunk_object, task_samples
+from .task import chunk_object, rejected_rows_by_task, task_samples
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,17 @@ def verify_store(
         if not plan.has_keys(store.read(group, schema.SAMPLE_DIM)):
             mismatches.append(Mismatch("sample", "sample keys differ from the source's"))
             return VerifyReport(dest, 0, 0, tuple(mismatches))
-        rejected = {r.row for r in plan.rejected if r.row is not None}
+        rejected = rejected_rows_by_task(plan)
+        # Each task gets its own keys: the sample coordinate is one chunk of every key.
         calls = [
             (
                 (t,),
                 {
                     "dest": dest,
                     "src": src,
+                    "keys": plan.sample_keys.slice(t.start, t.n_samples).to_pylist(),
                     "storage_options": so,
-                    "rejected_rows": sorted(rejected & set(range(t.start, t.stop))),
+                    "rejected_rows": sorted(rejected.get(t.index, [])),
                 },
             )
             for t in plan.tasks
@@ -144,9 +146,15 @@ def _check_shard(index: int, *, dest: str, storage_options=None) -> list[tuple[s
 
 
 def _compare_task(
-    task: ShardTask, *, dest: str, src: str, rejected_rows=(), storage_options=None
+    task: ShardTask,
+    *,
+    dest: str,
+    src: str,
+    keys: list[str],
+    rejected_rows=(),
+    storage_options=None,
 ) -> list[tuple[str, str]]:
-    """Compare one Zarr shard's samples with the source, bit for bit."""
+    """Compare one Zarr shard's samples (``keys``) with the source, bit for bit."""
     found = _check_shard(task.index, dest=dest, storage_options=storage_options)
     group = store.open_group(dest, storage_options, use_consolidated=False)
     region = slice(task.start, task.stop)
@@ -168,7 +176,6 @@ def _compare_task(
             )
     status = store.read(group, schema.STATUS, region)
     present = store.read(group, schema.RTC_PRESENT, region)
-    keys = store.read(group, schema.SAMPLE_DIM, region).tolist()
     expected_status = np.zeros(task.n_samples, dtype="uint8")
     for row in rejected_rows:
         expected_status[row - task.start] = schema.STATUS_REJECTED
