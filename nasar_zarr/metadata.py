@@ -194,7 +194,10 @@ def _as_text(values: np.ndarray | pa.Array) -> pa.Array:
         values = values.combine_chunks()
     if isinstance(values, pa.Array):
         return values.cast(pa.large_string())
-    return pa.array(np.asarray(values, dtype=object).ravel(), pa.large_string())
+    values = np.asarray(values)
+    if values.dtype.kind == "T":  # numpy's StringDType (zarr 3's strings): no Python objects
+        return pa.array(values.ravel(), pa.large_string())
+    return pa.array(values.astype(object).ravel(), pa.large_string())
 
 
 def decode_table(

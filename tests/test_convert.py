@@ -182,6 +182,11 @@ def test_cli_convert_awkward_corpus_on_cluster(awkward_corpus, tmp_path, dask_cl
     pd.testing.assert_frame_equal(rebuilt, expected)
     assert ds.revisit_days.attrs["nasar_encoding"] == "nullable_int"
     assert str(ds.processed_at.dtype) == "datetime64[ns]"
+    # verify compares every awkward column (nulls, NaN, zones, categories, lists) exactly
+    from nasar_zarr.api import verify
+
+    report = verify(str(dest), src=str(awkward_corpus.root), workers=0)
+    assert report.ok, [str(m) for m in report.mismatches]
 
 
 def test_cube_smaller_than_one_shard(tmp_path):
