@@ -640,6 +640,8 @@ def _strings(values: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.StringArr
         values = values.combine_chunks()
     if isinstance(values, pa.Array):
         return values if values.type == pa.string() else values.cast(pa.string())
+    if isinstance(values, np.ndarray) and values.dtype.kind in "TU":  # no Python objects
+        return pa.array(values.ravel(), pa.string())
     return pa.array(list(values), pa.string())
 
 
