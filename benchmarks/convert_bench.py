@@ -134,7 +134,7 @@ class ShippedCluster:
 def convert(cluster: ShippedCluster, src: Path, dest: Path, **options: Any) -> dict[str, Any]:
     """``plan_conversion`` + ``plan.execute(client=...)`` on a running shipped cluster.
 
-    ``tasks_s`` is the task phase alone (``execute``'s call of ``run_tasks``: from
+    ``tasks_s`` is the task phase alone (``execute``'s call of ``run_plan_tasks``: from
     the first submission to the last record), timed by wrapping that function.
     """
     import importlib
@@ -146,7 +146,7 @@ def convert(cluster: ShippedCluster, src: Path, dest: Path, **options: Any) -> d
         shutil.rmtree(dest)
     client = cluster.client
     phase: dict[str, float] = {}
-    original = ex.run_tasks
+    original = ex.run_plan_tasks
 
     def timed(*a, **k):
         t = now()
@@ -159,7 +159,7 @@ def convert(cluster: ShippedCluster, src: Path, dest: Path, **options: Any) -> d
     c0 = cpu_s()
     sampler = m.ProcSampler(pids=cluster.pids)
     sampler.start()
-    ex.run_tasks = timed
+    ex.run_plan_tasks = timed
     try:
         t = now()
         plan = nasar_zarr.plan_conversion(str(src), str(dest), **options)
@@ -167,7 +167,7 @@ def convert(cluster: ShippedCluster, src: Path, dest: Path, **options: Any) -> d
         plan.execute(client=client)
         wall = now() - t
     finally:
-        ex.run_tasks = original
+        ex.run_plan_tasks = original
         sampler.stop()
     main_cpu = cpu_s() - c0
     worker_cpu = sum(client.run(_worker_cpu).values()) - w0

@@ -370,7 +370,7 @@ def run_main(args) -> dict[str, Any]:
         " (workers + this process for the converter; both pool processes for webdataset)"
     )
     notes["speedup_2_workers"] = (
-        "the task phase (execute's run_tasks: first submission to last record) on the shipped"
+        "the task phase (execute's run_plan_tasks: first submission to last record) on the shipped"
         " cluster with 1 vs 2 workers; _execute: plan + execute, which adds the serial part"
         " (plan, skeleton, consolidated metadata: convert_serial_s) that does not depend on"
         " the workers"
