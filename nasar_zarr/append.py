@@ -8,7 +8,6 @@ whole by its single task. An intent object makes an interrupted append resume.
 
 from __future__ import annotations
 
-import itertools
 import json
 from typing import Any
 
@@ -115,14 +114,7 @@ def _extend_store(plan: ConversionPlan, metadata: corpus.MetadataColumns, *, n_o
     fault_point("after-resize")
     ds, _ = layout.skeleton(plan, metadata.schema)
     # Rewritten whole: each 1-D coordinate is one chunk.
-    coordinates.write_coordinates(
-        dest,
-        so,
-        itertools.chain(
-            [coordinates.sample_coordinate(plan)],
-            coordinates.metadata_coordinates(plan, metadata),
-        ),
-    )
+    coordinates.write_all(plan, metadata)
     # The partial last shard gets new samples: its single task rewrites it whole.
     shard = plan.options.shard
     if n_old % shard:

@@ -10,6 +10,7 @@ Each coordinate is one chunk (docs/CUBE.md).
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
@@ -115,6 +116,16 @@ def metadata_coordinates(plan: ConversionPlan, table: MetadataSource) -> Iterato
         yield coord, values, attrs, enc
 
 
+def write_all(plan: ConversionPlan, metadata: MetadataSource) -> None:
+    """Write (or rewrite) every 1-D coordinate of ``plan``'s cube: the sample keys,
+    then the metadata columns one at a time."""
+    write_coordinates(
+        plan.dest,
+        plan.storage_options,
+        itertools.chain([sample_coordinate(plan)], metadata_coordinates(plan, metadata)),
+    )
+
+
 def write_coordinates(
     dest: str, storage_options: Mapping[str, Any] | None, coordinates: Iterable[Coordinate]
 ) -> None:
@@ -126,7 +137,7 @@ def write_coordinates(
         if coord in group:
             del group[coord]
         if isinstance(values, pa.Array):
-            write_text(dest, storage_options, coord, values, attrs)
+            write_text(dest, storage_options, coord, values, attrs, group=group)
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -141,13 +152,17 @@ def write_text(
     name: str,
     values: pa.Array,
     attrs: Mapping[str, Any],
+    *,
+    group: Any = None,
 ) -> None:
-    """A text coordinate as one ``vlen-utf8`` + ``zstd`` chunk, encoded from Arrow."""
+    """A text coordinate as one ``vlen-utf8`` + ``zstd`` chunk, encoded from Arrow
+    (``group``: the store's root group, when the caller has it open)."""
     from numcodecs import Zstd
     from zarr.codecs import ZstdCodec
 
     n = len(values)
-    group = store.open_group(dest, storage_options, mode="r+", use_consolidated=False)
+    if group is None:
+        group = store.open_group(dest, storage_options, mode="r+", use_consolidated=False)
     array = group.create_array(
         name,
         shape=(n,),

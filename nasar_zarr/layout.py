@@ -9,7 +9,6 @@ writes the rejection report and consolidates the metadata at the end.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import os
 import re
@@ -276,13 +275,7 @@ def prepare_store(
             encoding=encoding,
             consolidated=False,
         )
-    coordinates.write_coordinates(
-        dest,
-        so,
-        itertools.chain(
-            [coordinates.sample_coordinate(plan)], coordinates.metadata_coordinates(plan, metadata)
-        ),
-    )
+    coordinates.write_all(plan, metadata)
     # Writing a lone coordinate leaves a root "coordinates" attribute: put back ours.
     store.open_group(dest, so, mode="r+", use_consolidated=False).attrs.put(ds.attrs)
     created = store.read_provenance(ds.attrs)["created"]
