@@ -5,8 +5,10 @@ object, then every inner chunk is decompressed directly into the task's output
 array (no intermediate chunk buffers, no copy). This mirrors
 :mod:`nasar_zarr.sharding`, which writes those shards, and decodes exactly the
 Zarr v3 codecs the converter writes (``sharding_indexed`` with ``bytes`` and
-one of ``blosc`` / ``zstd`` inner codecs, index ``bytes`` + ``crc32c`` at the
-end; unsharded ``bytes`` (+ ``blosc`` / ``zstd``) arrays such as ``status``).
+one of ``blosc`` / ``zstd`` inner codecs, then ``crc32c`` (checked before each
+chunk is decoded), index ``bytes`` + ``crc32c`` at the end; unsharded ``bytes``
+(+ ``blosc`` / ``zstd``, + ``crc32c``) arrays such as ``status``; cubes written
+before the chunk checksum decode without it).
 Measured on a 2-core machine: about 2x tensorstore and 4x zarr-python inside
 dask (benchmarks/README.md).
 
@@ -34,19 +36,20 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 from dask.sizeof import sizeof
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
-EMPTY = 2**64 - 1  # index entry of an inner chunk that was never written
-_INDEX_CRC_BYTES = 4
+from . import sharding
+from .errors import CubeDamagedError
+
+EMPTY = sharding.EMPTY  # index entry of an inner chunk that was never written
 
 
-class ShardFormatError(ValueError):
-    """A shard object whose index does not match the array's metadata (corrupt or truncated)."""
+class ShardFormatError(CubeDamagedError):
+    """A stored object that fails its checksum or does not match the array's metadata."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class ArrayLayout:
         True for ``sharding_indexed`` objects.
     fill_value
         Value of samples whose object or inner chunk is absent.
+    checksum
+        True when each stored chunk ends with its CRC-32C (a ``crc32c`` codec after
+        the compressor: cube contract 2); checked before decoding.
     key_prefix, separator
         Object key of chunk ``i``: ``key_prefix + i + (separator + "0") * (ndim - 1)``.
     """
@@ -85,6 +91,12 @@ class ArrayLayout:
     fill_value: Any
     key_prefix: str
     separator: str
+    checksum: bool = False
+
+    @property
+    def name(self) -> str:
+        """The array's name (the last part of its path), for error messages."""
+        return os.path.basename(self.path.rstrip("/"))
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -95,18 +107,22 @@ class ArrayLayout:
         return os.path.join(self.path, f"{self.key_prefix}{index}{tail}")
 
 
-def _compressor(codecs: list[dict[str, Any]]) -> str | None:
-    """``"blosc"``/``"zstd"``/``"none"`` for ``[bytes(little), <that>]``, else None."""
+def _compressor(codecs: list[dict[str, Any]]) -> tuple[str, bool] | None:
+    """``("blosc"|"zstd"|"none", checksum)`` for ``[bytes(little), <that>, crc32c?]``,
+    else None."""
     if not codecs or codecs[0].get("name") != "bytes":
         return None
     endian = (codecs[0].get("configuration") or {}).get("endian", "little")
     if endian not in ("little", None):
         return None
     rest = [c.get("name") for c in codecs[1:]]
+    checksum = bool(rest) and rest[-1] == "crc32c"
+    if checksum:
+        rest = rest[:-1]
     if rest == []:
-        return "none"
+        return "none", checksum
     if rest in (["blosc"], ["zstd"]):
-        return rest[0]
+        return rest[0], checksum
     return None
 
 
@@ -155,13 +171,14 @@ def array_layout(array: zarr.Array, path: str) -> ArrayLayout | None:
             or index_codecs != ["bytes", "crc32c"]
         ):
             return None
-        compressor = _compressor(config.get("codecs", []))
+        chain = _compressor(config.get("codecs", []))
         inner = int(inner_shape[0])
     else:
-        compressor = _compressor(codecs)
+        chain = _compressor(codecs)
         inner = int(outer[0])
-    if compressor is None:
+    if chain is None:
         return None
+    compressor, checksum = chain
     fill = array.fill_value
     return ArrayLayout(
         path=str(path),
@@ -174,14 +191,36 @@ def array_layout(array: zarr.Array, path: str) -> ArrayLayout | None:
         fill_value=None if fill is None else np.asarray(fill, dtype).item(),
         key_prefix="c" + separator,
         separator=separator,
+        checksum=checksum,
     )
 
 
-def _decode_into(compressor: str, data: memoryview, out: np.ndarray) -> None:
-    """Decompress one encoded chunk into the C-contiguous ``out`` (exact size)."""
+def _decode_into(
+    layout: ArrayLayout, data: memoryview, out: np.ndarray, where: Callable[[], str]
+) -> None:
+    """Check one stored chunk's CRC-32C (when it has one), then decompress it into the
+    C-contiguous ``out`` (exact size); ``where()`` names the chunk in errors."""
     if not out.flags.c_contiguous:
         raise ValueError("decoding needs a C-contiguous destination")
     target = out.reshape(-1).view(np.uint8)
+    if not layout.checksum:
+        _decompress(layout.compressor, data, target, where)
+        return
+    problem = sharding.checksum_problem(data)
+    if problem is not None:
+        raise ShardFormatError(
+            f"{where()} fails its CRC-32C ({problem}): the cube is damaged there;"
+            " `nasar-zarr verify DEST` lists every damaged chunk"
+        )
+    # released at once: a view left to the garbage collector (dask's profiler keeps
+    # frames alive) would stop the caller from closing its memory map
+    with data[: -sharding.CHECKSUM_BYTES] as payload:
+        _decompress(layout.compressor, payload, target, where)
+
+
+def _decompress(
+    compressor: str, data: memoryview, target: np.ndarray, where: Callable[[], str]
+) -> None:
     if compressor == "blosc":
         from numcodecs import blosc
 
@@ -192,7 +231,9 @@ def _decode_into(compressor: str, data: memoryview, out: np.ndarray) -> None:
         zstd.decompress(data, target)
     else:
         if len(data) != target.nbytes:
-            raise ShardFormatError(f"chunk of {len(data)} bytes, expected {target.nbytes}")
+            raise ShardFormatError(
+                f"{where()}: chunk of {len(data)} bytes, expected {target.nbytes}"
+            )
         target[...] = np.frombuffer(data, np.uint8)
 
 
@@ -210,15 +251,12 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
 
 def _index(layout: ArrayLayout, tail: bytes | memoryview, name: str) -> np.ndarray:
     """The shard index from the object's last bytes, its CRC-32C checked."""
-    per_shard = layout.shard // layout.inner
-    size = per_shard * 16 + _INDEX_CRC_BYTES
-    if len(tail) < size:
-        raise ShardFormatError(f"{name}: {len(tail)} bytes, shorter than its index ({size})")
-    raw = bytes(tail[-size:-_INDEX_CRC_BYTES])
-    crc = int.from_bytes(bytes(tail[-_INDEX_CRC_BYTES:]), "little")
-    if google_crc32c.value(raw) != crc:
-        raise ShardFormatError(f"{name}: the shard index fails its CRC-32C (corrupt object)")
-    return np.frombuffer(raw, "<u8").reshape(per_shard, 2)
+    try:
+        return sharding.parse_index(tail, layout.shard // layout.inner)
+    except sharding.ChecksumMismatch as exc:
+        raise ShardFormatError(
+            f"{name}: the shard index fails its CRC-32C ({exc}; corrupt object)"
+        ) from None
 
 
 def _map_whole(fd: int, size: int) -> mmap.mmap | None:
@@ -256,7 +294,7 @@ def _read_object(
         if not layout.sharded:
             sink(0, memoryview(_pread(fd, size, 0)))
             return
-        tail = per_shard * 16 + _INDEX_CRC_BYTES
+        tail = sharding.index_size(per_shard)
         rows_here = layout.shape[0] - obj * layout.shard  # the last shard may be partial
         if len(chunks) >= min(per_shard, -(-rows_here // layout.inner)):
             mapped = _map_whole(fd, size)
@@ -360,6 +398,10 @@ def _fill(layout: ArrayLayout, wanted: np.ndarray, out: np.ndarray) -> None:
         def sink(c: int, data: memoryview | None, obj: int = obj) -> None:
             lo = (obj * per_shard + c) * inner  # first sample of this inner chunk
             hi = min(lo + inner, n)
+
+            def where() -> str:
+                return _chunk_name(layout, obj, c, lo, hi)
+
             if contiguous:
                 a, b = max(lo, first), min(hi, first + len(out))
                 dest = out[a - first : b - first]
@@ -367,7 +409,7 @@ def _fill(layout: ArrayLayout, wanted: np.ndarray, out: np.ndarray) -> None:
                     dest[...] = layout.fill_value
                     return
                 if a == lo and b == lo + inner:  # whole chunk in place: no copy
-                    _decode_into(layout.compressor, data, dest)
+                    _decode_into(layout, data, dest, where)
                     return
                 src_rows: Any = slice(a - lo, b - lo)
             else:
@@ -379,13 +421,20 @@ def _fill(layout: ArrayLayout, wanted: np.ndarray, out: np.ndarray) -> None:
                 src_rows = wanted[k0:k1] - lo
             if not scratch:
                 scratch.append(np.empty((inner, *layout.row_shape), dtype=out.dtype))
-            _decode_into(layout.compressor, data, scratch[0])
+            _decode_into(layout, data, scratch[0], where)
             if contiguous:
                 dest[...] = scratch[0][src_rows]
             else:
                 out[dest_idx] = scratch[0][src_rows]
 
         _read_object(layout, obj, in_obj, sink)
+
+
+def _chunk_name(layout: ArrayLayout, obj: int, c: int, lo: int, hi: int) -> str:
+    """``rtc: inner chunk 3 of object c/1/0/0/0/0/0 (samples 1030-1031)``: for errors."""
+    key = os.path.relpath(layout.object_path(obj), layout.path)
+    what = f"inner chunk {c} of object {key}" if layout.sharded else f"chunk {key}"
+    return f"{layout.name}: {what} (samples {lo}-{hi - 1}) at {layout.path}"
 
 
 class FastBackendArray(BackendArray):

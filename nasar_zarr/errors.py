@@ -73,6 +73,10 @@ class NotACubeError(StoreError, FileNotFoundError):
     """The path does not exist, or holds no cube written by nasar-zarr."""
 
 
+class CubeDamagedError(NasarZarrError, ValueError):
+    """A stored object of the cube fails its CRC-32C or does not match its array's layout."""
+
+
 class SourceChangedError(NasarZarrError, ValueError):
     """A tar the cube (or a saved plan) was made from has changed since."""
 

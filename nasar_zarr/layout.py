@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import xarray as xr
 
-from . import columns, coordinates, schema, source, store
+from . import columns, coordinates, schema, sharding, source, store
 from . import metadata as meta
 from ._version import __version__
 from .errors import NotACubeError, SourceChangedError, StoreExistsError
@@ -32,18 +32,15 @@ from .plan import ConversionPlan, ConvertOptions, TarShard
 
 # ---------------------------------------------------------------------------- skeleton
 
+# The cube contract (docs/CUBE.md) this converter writes: 2 adds a crc32c codec after the
+# compressor of every stored chunk. Cubes of contract 1 (no "contract" recorded) still read.
+CONTRACT = 2
+
 
 def compressors(options: ConvertOptions) -> list:
-    """Zarr v3 core codecs only, so tensorstore and other readers open every array."""
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    if options.codec == "blosc-zstd":
-        return [BloscCodec(cname="zstd", clevel=options.clevel, shuffle="bitshuffle")]
-    if options.codec == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=options.clevel, shuffle="bitshuffle")]
-    if options.codec == "zstd":
-        return [ZstdCodec(level=options.clevel)]
-    return []
+    """Zarr v3 core codecs only, so tensorstore and other readers open every array; the
+    last is ``crc32c`` (see :mod:`nasar_zarr.sharding`)."""
+    return sharding.compressors(options.codec, options.clevel)
 
 
 def skeleton(plan: ConversionPlan, metadata_schema: pa.Schema) -> tuple[xr.Dataset, dict]:
@@ -58,7 +55,8 @@ def skeleton(plan: ConversionPlan, metadata_schema: pa.Schema) -> tuple[xr.Datas
     # of exactly this size, and append can grow the cube into it.
     shard, inner = o.shard, o.inner_chunk
     coords = {d: (d, v, schema.LABEL_ATTRS[d]) for d, v in schema.LABELS.items()}
-    encoding: dict[str, dict] = {}
+    flags_enc = {"compressors": sharding.unsharded_compressors()}
+    encoding: dict[str, dict] = {d: dict(flags_enc) for d in coords}
     names = " ".join(coordinates.coordinate_names(metadata_schema.names))
     ds = xr.Dataset(coords=coords)
     data_enc = {"chunks": None, "shards": None, "compressors": compressors(o)}
@@ -81,13 +79,13 @@ def skeleton(plan: ConversionPlan, metadata_schema: pa.Schema) -> tuple[xr.Datas
         da.zeros(present_shape, chunks=(shard, 2, 2, 2), dtype=bool),
         schema.RTC_PRESENT_ATTRS,
     )
-    encoding[schema.RTC_PRESENT] = {"chunks": (shard, 2, 2, 2), "_FillValue": None}
+    encoding[schema.RTC_PRESENT] = {"chunks": (shard, 2, 2, 2), "_FillValue": None, **flags_enc}
     ds[schema.STATUS] = (
         (schema.SAMPLE_DIM,),
         da.zeros((n,), chunks=shard, dtype="uint8"),
         schema.STATUS_ATTRS,
     )
-    encoding[schema.STATUS] = {"chunks": (shard,), "_FillValue": None}
+    encoding[schema.STATUS] = {"chunks": (shard,), "_FillValue": None, **flags_enc}
     for var in ds.data_vars.values():
         var.encoding["coordinates"] = names  # written one by one after the skeleton
     roles = columns.recognise(metadata_schema.names, **dict(o.columns))
@@ -104,6 +102,7 @@ def provenance(plan: ConversionPlan, metadata_schema: pa.Schema) -> dict[str, An
     codec = plan.options.codec
     record = {
         "version": __version__,
+        "contract": CONTRACT,
         "created": now,
         "layout": plan.options.layout(),
         "codec_detail": f"{codec} (bitshuffle)" if codec.startswith("blosc") else codec,

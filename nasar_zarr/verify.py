@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import schema, store
+from . import schema, sharding, store
 from .corpus import MetadataColumns
 from .cube import metadata_differences, open_cube
 from .errors import SourceError
@@ -81,7 +81,16 @@ def verify_store(
     n = int(recorded["n_samples"])
     n_shards = -(-n // shard)
     mismatches: list[Mismatch] = []
-    calls: list = [((index,), {"dest": dest, "storage_options": so}) for index in range(n_shards)]
+    # cubes of contract 1 have no per-chunk CRC-32C: only their whole objects are checked
+    chunking = (
+        (shard, int(recorded["layout"]["inner_chunk"]))
+        if int(recorded.get("contract", 1)) >= 2
+        else None
+    )
+    calls: list = [
+        ((index,), {"dest": dest, "storage_options": so, "chunking": chunking})
+        for index in range(n_shards)
+    ]
     fn: Any
     if plan is not None:
         src = plan.source
@@ -98,6 +107,7 @@ def verify_store(
                     "src": src,
                     "keys": plan.sample_keys.slice(t.start, t.n_samples).to_pylist(),
                     "storage_options": so,
+                    "chunking": chunking,
                     "rejected_rows": sorted(rejected.get(t.index, [])),
                 },
             )
@@ -114,7 +124,12 @@ def verify_store(
     return VerifyReport(dest, n_shards, n, tuple(mismatches))
 
 
-def _check_shard(index: int, *, dest: str, storage_options=None) -> list[tuple[str, str]]:
+def _check_shard(
+    index: int, *, dest: str, storage_options=None, chunking: tuple[int, int] | None = None
+) -> list[tuple[str, str]]:
+    """Each stored object of Zarr shard ``index`` against its recorded CRC-32; a damaged
+    one is searched for the chunks that fail their own CRC-32C. ``chunking``: the cube's
+    (shard, inner chunk) sizes in samples (None for a cube without chunk checksums)."""
     record = store.read_json(dest, store.task_record_path(index), storage_options)
     if record is None:
         return [
@@ -142,6 +157,44 @@ def _check_shard(index: int, *, dest: str, storage_options=None) -> list[tuple[s
                     f"stored object is damaged (CRC-32 {zlib.crc32(data):08x}, recorded {crc:08x})",
                 )
             )
+            if chunking is not None:
+                found += _damaged_chunks(key, data, index, chunking)
+    return found
+
+
+def _damaged_chunks(
+    key: str, data: bytes, shard_index: int, chunking: tuple[int, int]
+) -> list[tuple[str, str]]:
+    """Which chunks of a damaged object fail their own CRC-32C (cube contract 2): a data
+    variable's inner chunks (named with their samples), or a flag's single chunk."""
+    name = key.split("/", 1)[0]
+    view = memoryview(data)
+    if name not in schema.VARIABLES:
+        try:
+            sharding.checked(view)
+        except sharding.ChecksumMismatch as exc:
+            return [(key, f"the chunk fails its CRC-32C ({exc})")]
+        return []
+    shard, inner = chunking
+    try:
+        index = sharding.parse_index(view, shard // inner)
+    except sharding.ChecksumMismatch as exc:
+        return [(key, f"the shard index fails its CRC-32C ({exc})")]
+    found = []
+    for c, (offset, nbytes) in enumerate(index.tolist()):
+        if offset == sharding.EMPTY:
+            continue
+        try:
+            sharding.checked(view[offset : offset + nbytes])
+        except sharding.ChecksumMismatch as exc:
+            first = shard_index * shard + c * inner
+            found.append(
+                (
+                    key,
+                    f"inner chunk {c} (samples {first}-{first + inner - 1})"
+                    f" fails its CRC-32C ({exc})",
+                )
+            )
     return found
 
 
@@ -153,9 +206,10 @@ def _compare_task(
     keys: list[str],
     rejected_rows=(),
     storage_options=None,
+    chunking: tuple[int, int] | None = None,
 ) -> list[tuple[str, str]]:
     """Compare one Zarr shard's samples (``keys``) with the source, bit for bit."""
-    found = _check_shard(task.index, dest=dest, storage_options=storage_options)
+    found = _check_shard(task.index, dest=dest, storage_options=storage_options, chunking=chunking)
     group = store.open_group(dest, storage_options, use_consolidated=False)
     region = slice(task.start, task.stop)
     stored: dict[str, np.ndarray] = {}

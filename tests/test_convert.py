@@ -78,7 +78,7 @@ def test_opens_with_plain_xarray_and_zarr(small_cube):
     assert group.metadata.consolidated_metadata is not None
     rtc = group["rtc"]
     assert rtc.chunks == (2, 2, 2, 2, 128, 128) and rtc.shards == (8, 2, 2, 2, 128, 128)
-    assert [type(c).__name__ for c in rtc.compressors] == ["BloscCodec"]
+    assert [type(c).__name__ for c in rtc.compressors] == ["BloscCodec", "Crc32cCodec"]
     assert np.isnan(rtc.fill_value)
     prov = store.read_provenance(group.attrs)
     assert prov["layout"] == {"inner_chunk": 2, "shard": 8, "codec": "blosc-lz4", "clevel": 5}

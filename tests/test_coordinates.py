@@ -44,6 +44,7 @@ def test_write_text_reads_back_with_zarr_and_xarray(tmp_path, n):
     assert array.metadata.to_dict()["codecs"] == (
         {"name": "vlen-utf8", "configuration": {}},
         {"name": "zstd", "configuration": {"level": 0, "checksum": False}},
+        {"name": "crc32c"},
     )
     assert array[:].tolist() == values
     assert array.attrs["a"] == "b"
