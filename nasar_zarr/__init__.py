@@ -10,8 +10,12 @@ from .cube import metadata_table, open_cube  # noqa: E402
 from .errors import NasarZarrError  # noqa: E402
 from .normalize import clip_and_rescale, normalized  # noqa: E402
 from .plan import ConversionPlan, ConvertOptions  # noqa: E402
+from .plan import register_executor as _register_executor  # noqa: E402
 from .reader import CubeReader  # noqa: E402
 from .stats import histogram, quantiles  # noqa: E402
+
+# plan.py sits below the writing side, so the writer is handed down to plan.execute(...).
+_register_executor(execute)
 
 __all__ = [
     "ConversionPlan",

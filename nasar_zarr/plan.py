@@ -6,6 +6,12 @@ plan_conversion` composes the two). Samples go in release order,
 samples along ``sample``) becomes exactly one :class:`ShardTask`, which carries
 the byte ranges of every tar member it needs, so a task may read the tail of
 one tar and the head of the next without any other task touching its Zarr shard.
+
+This module imports nothing above it (tests/test_layers.py holds that). The
+writing side sits above, so :meth:`ConversionPlan.execute` runs whatever
+:func:`register_executor` was given: the package's ``__init__`` hands it
+:func:`nasar_zarr.execute.execute` once, when ``nasar_zarr`` is imported (which
+any import of this module does first), the way xarray's accessors are plugged in.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, overload
 
 import numpy as np
 import pyarrow as pa
@@ -391,7 +397,7 @@ class ConversionPlan:
         progress: bool = False,
         overwrite: bool = False,
     ) -> xr.Dataset:
-        """Write the store (see :func:`nasar_zarr.api.execute`); returns the dataset.
+        """Write the store (see :func:`nasar_zarr.execute.execute`); returns the dataset.
 
         Parameters
         ----------
@@ -415,10 +421,54 @@ class ConversionPlan:
         >>> plan = nasar_zarr.plan_conversion("corpus", "nasar.zarr")  # doctest: +SKIP
         >>> ds = plan.execute(workers=2)  # doctest: +SKIP
         """
-        # Deferred: the plan stays importable without the writing side.
-        from .api import execute
+        if not _EXECUTOR:
+            raise RuntimeError(
+                "ConversionPlan.execute has no writer: import nasar_zarr (its __init__"
+                " registers nasar_zarr.execute.execute), or call nasar_zarr.execute(plan)"
+            )
+        return _EXECUTOR[0](
+            self, client=client, workers=workers, progress=progress, overwrite=overwrite
+        )
 
-        return execute(self, client=client, workers=workers, progress=progress, overwrite=overwrite)
+
+class Executor(Protocol):
+    """What writes a plan's store: :func:`nasar_zarr.execute.execute`'s signature."""
+
+    def __call__(
+        self,
+        plan: ConversionPlan,
+        *,
+        client: Any = ...,
+        workers: int | None = ...,
+        progress: bool = ...,
+        overwrite: bool = ...,
+    ) -> xr.Dataset: ...
+
+
+# The writer of :meth:`ConversionPlan.execute`: set once while ``nasar_zarr`` is imported
+# (under the import lock, before any thread or task exists), only read after that.
+_EXECUTOR: list[Executor] = []
+
+
+def register_executor(executor: Executor) -> None:
+    """Make :meth:`ConversionPlan.execute` run ``executor`` (the package does this on import).
+
+    The writing side imports this module, so this module cannot import it: the
+    dependency is handed down instead. Registering the same function again is a
+    no-op; another one is refused, so what ``plan.execute`` runs never changes.
+
+    Raises
+    ------
+    RuntimeError
+        A different executor is already registered.
+    """
+    if _EXECUTOR and _EXECUTOR[0] is not executor:
+        current = _EXECUTOR[0]
+        name = f"{current.__module__}.{getattr(current, '__qualname__', current)}"
+        raise RuntimeError(
+            f"ConversionPlan.execute already runs {name}; call your writer as writer(plan) instead"
+        )
+    _EXECUTOR[:] = [executor]
 
 
 PLAN_FORMAT = "nasar-zarr-plan/2"
@@ -661,6 +711,7 @@ __all__ = [
     "Codec",
     "ConversionPlan",
     "ConvertOptions",
+    "Executor",
     "IndexedTar",
     "OnError",
     "PlanIndex",
@@ -670,5 +721,6 @@ __all__ = [
     "TarShard",
     "TaskList",
     "assemble_plan",
+    "register_executor",
     "shard_bounds",
 ]

@@ -10,6 +10,7 @@ import pytest
 
 from nasar_zarr import schema, source
 from nasar_zarr.errors import MemberTooLargeError, SampleDecodeError
+from nasar_zarr.source import npz
 from nasar_zarr.testing import encode_npz, make_batch
 
 NAMES = list(source.INFLATERS)
@@ -118,9 +119,9 @@ def test_npz_the_fast_parser_does_not_take_goes_through_zipfile():
     # a zip comment: not what np.savez writes, so zipfile parses it; same arrays
     sample = _sample()
     payload = encode_npz(sample)
-    assert source._central_directory(memoryview(payload)) is not None
+    assert npz._central_directory(memoryview(payload)) is not None
     commented = payload[:-2] + (5).to_bytes(2, "little") + b"hello"
-    assert source._central_directory(memoryview(commented)) is None
+    assert npz._central_directory(memoryview(commented)) is None
     got = source.decode_npz(commented, shard="s.tar", key="k")
     for key in sample:
         assert got[key].tobytes() == sample[key].tobytes()

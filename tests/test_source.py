@@ -1,4 +1,4 @@
-"""source.py: bit-exact reads, both member layouts, and errors that name shard and key."""
+"""nasar_zarr.source: bit-exact reads, both member layouts, and errors that name shard and key."""
 
 from __future__ import annotations
 
