@@ -543,15 +543,28 @@ class LazyRows(np.lib.mixins.NDArrayOperatorsMixin):
         return value
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        from . import streaming  # reductions and the steps before them: a piece at a time
+
+        done = streaming.array_ufunc(ufunc, method, inputs, kwargs)
+        if done is not NotImplemented:
+            return done
         return getattr(ufunc, method)(*self._unwrap(inputs), **self._unwrap(kwargs))
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        from . import streaming
+
+        done = streaming.array_function(func, args, kwargs)
+        if done is not NotImplemented:
+            return done
         return func(*self._unwrap(args), **self._unwrap(kwargs))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("layout", "rows", "_values", "_lock"):
             raise AttributeError(name)
-        return getattr(self.values(), name)
+        from . import streaming
+
+        streamed = streaming.method(self, name)
+        return streamed if streamed is not None else getattr(self.values(), name)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (np.asarray, (self.values(),))
