@@ -68,7 +68,7 @@ def byte_range(header: str | None, size: int) -> tuple[int, int, int]:
     if header is None:
         return whole
     unit, sep, range_set = header.partition("=")
-    if not sep or unit.strip().lower() != "bytes":
+    if not sep or unit.lower() != "bytes":
         return whole  # another unit (or none): "MUST ignore"
     specs = []
     for item in range_set.split(","):
@@ -237,7 +237,8 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         target = self._file(path)
         opened = None if target is None else open_regular(target)
         if target is None or opened is None:
-            self.send_error(HTTPStatus.NOT_FOUND, "not found")
+            # Kept alive: zarr readers ask for absent keys (missing shards) as a matter of course.
+            self._refuse(HTTPStatus.NOT_FOUND, "not found", close=False)
             return
         f, size = opened
         with f:
@@ -305,13 +306,14 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
             root, parts = self.roots[""], parts or ["index.html"]
         return resolve_inside(root, parts)
 
-    def _refuse(self, status: HTTPStatus, reason: str) -> None:
-        """A one-line plain-text answer, and the connection closed."""
+    def _refuse(self, status: HTTPStatus, reason: str, *, close: bool = True) -> None:
+        """A one-line plain-text answer; the connection closed unless ``close`` is False."""
         body = f"{reason}\n".encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)

@@ -184,7 +184,8 @@ class PooledHTTPServer(socketserver.TCPServer):
 
     def _accept(self) -> None:
         for _ in range(64):  # a burst, then serve the parked ones too
-            if self._count() >= self.max_connections and not self._close_oldest_parked():
+            full = self._count() >= self.max_connections
+            if full and not self._parked:  # all in service: the rest wait in the backlog
                 self._pause_accepting()
                 return
             try:
@@ -194,6 +195,8 @@ class PooledHTTPServer(socketserver.TCPServer):
             except OSError:  # e.g. out of file descriptors: retry after poll_interval
                 self._pause_accepting()
                 return
+            if full:  # a new client waits: the longest-idle one makes room
+                self._close_oldest_parked()
             try:
                 handler = self._handler_class(sock, address, self)
             except OSError:
