@@ -32,7 +32,8 @@ import mmap
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ from xarray.core import indexing
 
 from . import sharding
 from .errors import CubeDamagedError
+from .ranges import Location, ObjectChangedError, Tail
 
 EMPTY = sharding.EMPTY  # index entry of an inner chunk that was never written
 
@@ -92,6 +94,7 @@ class ArrayLayout:
     key_prefix: str
     separator: str
     checksum: bool = False
+    location: Location | None = None  # a remote store (``path`` is then its URL)
 
     @property
     def name(self) -> str:
@@ -103,8 +106,16 @@ class ArrayLayout:
         return self.shape[1:]
 
     def object_path(self, index: int) -> str:
+        return os.path.join(self.path, self.chunk_key(index))
+
+    def chunk_key(self, index: int) -> str:
+        """Key of object ``index`` relative to the array (``c/3/0/0/0/0/0``)."""
         tail = (self.separator + "0") * (len(self.shape) - 1)
-        return os.path.join(self.path, f"{self.key_prefix}{index}{tail}")
+        return f"{self.key_prefix}{index}{tail}"
+
+    def object_key(self, index: int) -> str:
+        """Key of object ``index`` relative to the cube's root (``rtc/c/3/0/0/0/0/0``)."""
+        return f"{self.name}/{self.chunk_key(index)}"
 
 
 def _compressor(codecs: list[dict[str, Any]]) -> tuple[str, bool] | None:
@@ -126,15 +137,19 @@ def _compressor(codecs: list[dict[str, Any]]) -> tuple[str, bool] | None:
     return None
 
 
-def array_layout(array: zarr.Array, path: str) -> ArrayLayout | None:
-    """The :class:`ArrayLayout` of a local array, or None if the fast reader cannot decode it.
+def array_layout(
+    array: zarr.Array, path: str, location: Location | None = None
+) -> ArrayLayout | None:
+    """The :class:`ArrayLayout` of an array, or None if the fast reader cannot decode it.
 
     Parameters
     ----------
     array
         An open zarr-python array (its metadata is read, not its data).
     path
-        The array's local directory.
+        The array's local directory, or its URL on a remote store.
+    location
+        The remote store holding the cube (None: ``path`` is local).
 
     Returns
     -------
@@ -192,6 +207,7 @@ def array_layout(array: zarr.Array, path: str) -> ArrayLayout | None:
         key_prefix="c" + separator,
         separator=separator,
         checksum=checksum,
+        location=location if location is not None and location.remote else None,
     )
 
 
@@ -362,38 +378,81 @@ def read_rows(layout: ArrayLayout, rows: Any) -> np.ndarray:
     >>> read_rows(layout, slice(0, 512)).shape  # doctest: +SKIP
     (512, 2, 2, 2, 128, 128)
     """
+    return read_many([(layout, rows)])[0]
+
+
+def read_many(requests: Sequence[tuple[ArrayLayout, Any]]) -> list[np.ndarray]:
+    """:func:`read_rows` of several arrays at once (e.g. every variable of a batch).
+
+    On a remote store the shard indexes all of them need are fetched in one
+    concurrent round, then all their inner chunks in another (ranges coalesced),
+    so a batch costs two round trips of latency, not two per variable.
+    """
+    prepared = [(layout, *_wanted(layout, rows)) for layout, rows in requests]
+    remote = [
+        (i, layout, _needed(layout, wanted))
+        for i, (layout, wanted, _) in enumerate(prepared)
+        if layout.location is not None and len(wanted)
+    ]
+    fetched: dict[int, Fetched] = {}
+    if remote:
+        for (i, _, _), got in zip(
+            remote, _fetch([(layout, needed) for _, layout, needed in remote]), strict=True
+        ):
+            fetched[i] = got
+    results = []
+    for i, (layout, wanted, order) in enumerate(prepared):
+        out = np.empty((len(wanted), *layout.row_shape), dtype=np.dtype(layout.dtype))
+        if len(wanted):
+            _fill(layout, wanted, out, fetched.get(i))
+        results.append(out if order is None else out[order])
+    return results
+
+
+def _wanted(layout: ArrayLayout, rows: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sorted unique positions of ``rows`` and the order that gives ``rows`` back."""
     n = layout.shape[0]
-    dtype = np.dtype(layout.dtype)
     if isinstance(rows, slice):
         start, stop, step = rows.indices(n)
-        if step != 1:
-            return read_rows(layout, np.arange(start, stop, step))
-        wanted: np.ndarray = np.arange(start, max(start, stop))
-        order = None
-    else:
-        positions = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if positions.size and (positions.min() < -n or positions.max() >= n):
-            raise IndexError(f"sample index out of range for {n} samples")
-        positions = np.where(positions < 0, positions + n, positions)
-        wanted, order = np.unique(positions, return_inverse=True)
-    out = np.empty((len(wanted), *layout.row_shape), dtype=dtype)
-    if len(wanted):
-        _fill(layout, wanted, out)
-    return out if order is None else out[order]
+        if step == 1:
+            return np.arange(start, max(start, stop)), None
+        rows = np.arange(start, stop, step)
+    positions = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if positions.size and (positions.min() < -n or positions.max() >= n):
+        raise IndexError(f"sample index out of range for {n} samples")
+    positions = np.where(positions < 0, positions + n, positions)
+    wanted, order = np.unique(positions, return_inverse=True)
+    return wanted, order
 
 
-def _fill(layout: ArrayLayout, wanted: np.ndarray, out: np.ndarray) -> None:
-    """Fill ``out[k]`` with sample ``wanted[k]`` (sorted, unique)."""
+def _needed(layout: ArrayLayout, wanted: np.ndarray) -> dict[int, np.ndarray]:
+    """``{object: inner chunks within it}`` that hold the (sorted, unique) ``wanted`` rows."""
+    per_shard = layout.shard // layout.inner
+    chunk_of = wanted // layout.inner  # global inner chunk of each wanted sample
+    return {
+        obj: np.unique(chunk_of[chunk_of // per_shard == obj]) - obj * per_shard
+        for obj in np.unique(chunk_of // per_shard).tolist()
+    }
+
+
+Fetched = dict[int, dict[int, "bytes | memoryview | None"]]  # object -> chunk -> bytes
+
+
+def _fill(
+    layout: ArrayLayout, wanted: np.ndarray, out: np.ndarray, fetched: Fetched | None = None
+) -> None:
+    """Fill ``out[k]`` with sample ``wanted[k]`` (sorted, unique); ``fetched``: the
+    chunks' bytes already read from a remote store (:func:`_fetch`)."""
     n, inner = layout.shape[0], layout.inner
     per_shard = layout.shard // inner
     contiguous = bool(wanted[-1] - wanted[0] + 1 == len(wanted))
     first = int(wanted[0])
-    chunk_of = wanted // inner  # global inner chunk of each wanted sample
-    objects = np.unique(chunk_of // per_shard)
     scratch: list[np.ndarray] = []
+    needed = _needed(layout, wanted)
+    if fetched is None and layout.location is not None:
+        fetched = _fetch([(layout, needed)])[0]
 
-    for obj in objects.tolist():
-        in_obj = np.unique(chunk_of[chunk_of // per_shard == obj]) - obj * per_shard
+    for obj, in_obj in needed.items():
 
         def sink(c: int, data: memoryview | None, obj: int = obj) -> None:
             lo = (obj * per_shard + c) * inner  # first sample of this inner chunk
@@ -427,7 +486,164 @@ def _fill(layout: ArrayLayout, wanted: np.ndarray, out: np.ndarray) -> None:
             else:
                 out[dest_idx] = scratch[0][src_rows]
 
-        _read_object(layout, obj, in_obj, sink)
+        if fetched is None:
+            _read_object(layout, obj, in_obj, sink)
+            continue
+        for c in in_obj.tolist():
+            data = fetched[obj][c]
+            sink(c, None if data is None else memoryview(data))
+
+
+@dataclass(frozen=True)
+class _IndexEntry:
+    """A remote shard's index as read, with the object's size and version (immutable)."""
+
+    index: np.ndarray  # read-only (chunks_per_shard, 2) offsets and sizes
+    size: int
+    version: str | None
+
+
+class _IndexCache:
+    """Shard indexes of remote objects, read once per process: bounded (least recently
+    used out), entries immutable, a lock around the map, emptied in a forked child."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], _IndexEntry] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> _IndexEntry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple[str, str], entry: _IndexEntry) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def drop(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+# 8,192 indexes: every shard of the full release's 8 variables at shard 512 is ~17,200;
+# an index of 256 inner chunks is 4 KiB, so the cache holds at most ~32 MiB.
+INDEX_CACHE = _IndexCache(8192)
+os.register_at_fork(after_in_child=INDEX_CACHE._reset)
+
+
+def _fetch(jobs: Sequence[tuple[ArrayLayout, dict[int, np.ndarray]]]) -> list[Fetched]:
+    """The encoded bytes of the inner chunks ``jobs`` need, from their remote store.
+
+    Round 1 reads the shard indexes not yet cached (a suffix range each, all at
+    once; an object whose every chunk is needed is read whole instead, in that
+    same round). Round 2 reads every needed chunk (ranges coalesced, concurrent,
+    each with the object's ETag as ``If-Match``). Unsharded objects are read whole.
+    """
+    results: list[Fetched] = [{} for _ in jobs]
+    location = next(layout.location for layout, _ in jobs if layout.location is not None)
+    tails: list[tuple[int, int, str]] = []  # (job, object, key) needing their index
+    wholes: list[tuple[int, int, str]] = []
+    for j, (layout, needed) in enumerate(jobs):
+        per_shard = layout.shard // layout.inner
+        for obj, chunks in needed.items():
+            key = layout.object_key(obj)
+            if not layout.sharded:
+                wholes.append((j, obj, key))
+            elif INDEX_CACHE.get((location.url, key)) is None:
+                rows_here = layout.shape[0] - obj * layout.shard
+                everything = len(chunks) >= min(per_shard, -(-rows_here // layout.inner))
+                (wholes if everything else tails).append((j, obj, key))
+    got_tails = location.tails([k for _, _, k in tails], _index_bytes(jobs, tails))
+    got_wholes = location.whole([k for _, _, k in wholes])
+    for (j, _, key), tail in zip(tails, got_tails, strict=True):
+        _remember_index(jobs[j][0], key, tail, location)
+    for (j, obj, key), whole in zip(wholes, got_wholes, strict=True):
+        layout, needed = jobs[j]
+        if whole is None:
+            results[j][obj] = {c: None for c in needed[obj].tolist()}
+        elif not layout.sharded:
+            results[j][obj] = {0: whole.data}
+        else:
+            entry = _remember_index(layout, key, whole, location)
+            assert entry is not None
+            view = memoryview(whole.data)
+            results[j][obj] = {c: _slice(entry, c, view, layout, obj) for c in needed[obj].tolist()}
+    requests: list[tuple[str, int, int, str | None]] = []
+    slots: list[tuple[int, int, int]] = []
+    for j, (layout, needed) in enumerate(jobs):
+        if not layout.sharded:
+            continue
+        for obj, chunks in needed.items():
+            if obj in results[j]:
+                continue
+            key = layout.object_key(obj)
+            entry = INDEX_CACHE.get((location.url, key))
+            results[j][obj] = {}
+            for c in chunks.tolist():
+                if entry is None:  # no such object: fill values
+                    results[j][obj][c] = None
+                    continue
+                offset, nbytes = (int(v) for v in entry.index[c])
+                if offset == EMPTY and nbytes == EMPTY:
+                    results[j][obj][c] = None
+                    continue
+                if offset + nbytes > entry.size:
+                    raise ShardFormatError(
+                        f"{layout.object_path(obj)}: inner chunk {c} runs past the object's end"
+                    )
+                requests.append((key, offset, offset + nbytes, entry.version))
+                slots.append((j, obj, c))
+    try:
+        data = location.ranges(requests)
+    except ObjectChangedError:
+        for key, *_ in requests:  # the next read starts from the new version's index
+            INDEX_CACHE.drop((location.url, key))
+        raise
+    for (j, obj, c), chunk in zip(slots, data, strict=True):
+        results[j][obj][c] = chunk
+    return results
+
+
+def _index_bytes(
+    jobs: Sequence[tuple[ArrayLayout, dict[int, np.ndarray]]], tails: list[tuple[int, int, str]]
+) -> int:
+    return max(
+        (sharding.index_size(jobs[j][0].shard // jobs[j][0].inner) for j, _, _ in tails),
+        default=0,
+    )
+
+
+def _remember_index(
+    layout: ArrayLayout, key: str, tail: Tail | None, location: Location
+) -> _IndexEntry | None:
+    """Parse (CRC checked) and cache the index at the end of ``tail``; None if absent."""
+    if tail is None:
+        return None
+    index = _index(layout, tail.data, location.path(key)).copy()
+    index.flags.writeable = False
+    entry = _IndexEntry(index, tail.size, tail.version)
+    INDEX_CACHE.put((location.url, key), entry)
+    return entry
+
+
+def _slice(
+    entry: _IndexEntry, c: int, view: memoryview, layout: ArrayLayout, obj: int
+) -> memoryview | None:
+    offset, nbytes = (int(v) for v in entry.index[c])
+    if offset == EMPTY and nbytes == EMPTY:
+        return None
+    if offset + nbytes > len(view):
+        raise ShardFormatError(f"{layout.object_path(obj)}: inner chunk {c} runs past its end")
+    return view[offset : offset + nbytes]
 
 
 def _chunk_name(layout: ArrayLayout, obj: int, c: int, lo: int, hi: int) -> str:
@@ -672,21 +888,25 @@ class ChunkSource:
         return FastBackendArray(self.layout)._getitem(region)
 
 
-def fast_array(array: zarr.Array, path: str) -> FastBackendArray | None:
-    """A :class:`FastBackendArray` for a local zarr array, or None where it cannot decode it.
+def fast_array(
+    array: zarr.Array, path: str, location: Location | None = None
+) -> FastBackendArray | None:
+    """A :class:`FastBackendArray` for a zarr array, or None where it cannot decode it.
 
     Parameters
     ----------
     array
         The zarr-python array (metadata only is read).
     path
-        Its local directory.
+        Its local directory, or its URL on a remote store.
+    location
+        The cube's remote store (None for a local one).
 
     Returns
     -------
     FastBackendArray or None
     """
-    layout = array_layout(array, path)
+    layout = array_layout(array, path, location)
     return None if layout is None else FastBackendArray(layout)
 
 

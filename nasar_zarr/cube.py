@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -109,7 +108,11 @@ def open_cube(
     ds = _drop_layout_encodings(ds)
     n = ds.sizes.get(schema.SAMPLE_DIM, 0)
     size = None if chunks is None else _sample_chunk(ds, n, chunks)
-    fast = _fast_arrays(url, [str(v) for v in ds.data_vars], engine) if engine != "zarr" else {}
+    fast = (
+        _fast_arrays(url, [str(v) for v in ds.data_vars], engine, storage_options)
+        if engine != "zarr"
+        else {}
+    )
     token = dask_tokenize(url, provenance(ds).get("created"), n, size)
     out: dict[Hashable, Any] = {}
     for name, var in ds.data_vars.items():
@@ -221,21 +224,25 @@ def shard_size(ds: xr.Dataset) -> int | None:
     return int(shard) if shard else None
 
 
-def _fast_arrays(url: str, names: list[str], engine: str) -> dict[str, Any]:
-    """The :class:`~nasar_zarr.backend.FastBackendArray` of each variable it can read."""
-    from . import backend, source
+def _fast_arrays(
+    url: str,
+    names: list[str],
+    engine: str,
+    storage_options: Mapping[str, Any] | None = None,
+    group: Any = None,
+) -> dict[str, Any]:
+    """The :class:`~nasar_zarr.backend.FastBackendArray` of each variable it can read,
+    local or remote (``group``: the cube's root group, when it is open already)."""
+    from . import backend
+    from .ranges import Location
 
-    if source.is_remote(url):
-        if engine == "fast":
-            raise ValueError(
-                f"engine='fast' reads local stores only, got {url!r}; use engine='auto' or 'zarr'"
-            )
-        return {}
-    root = url.split("://", 1)[1] if url.startswith("file://") else url
-    group = store.open_group(root)
+    location = Location.of(url, storage_options)
+    if group is None:
+        group = store.open_group(url, storage_options)
     out = {}
     for name in names:
-        array = backend.fast_array(backend._array(group, name), os.path.join(root, name))
+        node = backend._array(group, name)
+        array = backend.fast_array(node, location.path(name), location)
         if array is None and engine == "fast":
             raise ValueError(
                 f"{url}: variable {name!r} is not in a layout the fast reader"

@@ -9,15 +9,17 @@ it), so nothing is fetched from the network when the page runs.
 The page takes ``?store=URL`` (relative or absolute; default ``nasar.zarr``, a
 sibling of the page) and ``?sample=KEY``. :func:`make_server` serves the page at
 ``/`` and a local cube at ``/nasar.zarr/``, with HTTP Range support (the
-sharded arrays are read by range: a sample costs a handful of small requests).
+sharded arrays are read by range: a sample costs a handful of small requests),
+to this machine only: what it checks is in ``handler.py`` (which file, which
+Host, which range) and ``server.py`` (threads, connections, idle time);
+docs/VIEWER.md says what it exposes and to whom.
 """
 
 from __future__ import annotations
 
-import http.server
 import os
-import re
 import shutil
+import socketserver
 import threading
 import urllib.parse
 import webbrowser
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NasarZarrError, StoreError
+from .handler import LOCAL_NAMES, ViewerHandler
+from .server import PooledHTTPServer
 
 STATIC_DIR = Path(__file__).parent / "static"
 STORE_MOUNT = "nasar.zarr"  # the page's default ?store, relative to the page
@@ -32,99 +36,6 @@ STORE_MOUNT = "nasar.zarr"  # the page's default ?store, relative to the page
 
 class ViewerError(NasarZarrError, OSError):
     """The viewer's server cannot start (e.g. the port is taken)."""
-
-
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_TYPES = {
-    ".json": "application/json",
-    ".js": "text/javascript",
-    ".css": "text/css",
-    ".html": "text/html; charset=utf-8",
-    ".png": "image/png",
-}
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Static files from two roots, with single byte ranges (RFC 9110 ``bytes=a-b``,
-    ``a-``, ``-n``), no directory listings, nothing outside the roots."""
-
-    static_dir: Path = STATIC_DIR
-    store_dir: Path | None = None
-    verbose = False
-
-    def translate_path(self, path: str) -> str:
-        path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
-        parts = [p for p in path.split("/") if p]
-        if any(p in (".", "..") or "\\" in p or "\0" in p for p in parts):
-            return ""
-        if parts[:1] == [STORE_MOUNT]:
-            if self.store_dir is None:
-                return ""
-            base, parts = self.store_dir, parts[1:]
-        else:
-            base = self.static_dir
-            parts = parts or ["index.html"]
-        return str(base.joinpath(*parts))
-
-    def send_head(self) -> Any:
-        path = self.translate_path(self.path)
-        if not path or not os.path.isfile(path):
-            self.send_error(404, "not found")
-            return None
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed by copyfile's caller
-        except OSError:
-            self.send_error(404, "not found")
-            return None
-        size = os.fstat(f.fileno()).st_size
-        ctype = _TYPES.get(Path(path).suffix, "application/octet-stream")
-        header = self.headers.get("Range")
-        start, end = 0, size - 1
-        status = 200
-        if header:
-            match = _RANGE.match(header.strip())
-            if match is None or match.groups() == ("", ""):
-                f.close()
-                self.send_error(416, "only single byte ranges are supported")
-                return None
-            first, last = match.groups()
-            if first == "":  # suffix: the last n bytes
-                start, end = max(size - int(last), 0), size - 1
-            else:
-                start = int(first)
-                end = min(int(last), size - 1) if last else size - 1
-            if start >= size or start > end:
-                f.close()
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{size}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return None
-            status = 206
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Cache-Control", "no-cache")
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.end_headers()
-        f.seek(start)
-        self._remaining = end - start + 1
-        return f
-
-    def copyfile(self, source: Any, outputfile: Any) -> None:
-        remaining = self._remaining
-        while remaining > 0:
-            block = source.read(min(remaining, 1 << 20))
-            if not block:
-                break
-            outputfile.write(block)
-            remaining -= len(block)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.verbose:
-            super().log_message(format, *args)
 
 
 def _local_store(dest: str | os.PathLike[str]) -> Path:
@@ -149,11 +60,17 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 0,
     verbose: bool = False,
-) -> http.server.ThreadingHTTPServer:
+    workers: int = 16,
+    idle_timeout: float = 20.0,
+    max_connections: int = 512,
+) -> PooledHTTPServer:
     """An HTTP server for the viewer page and a local cube, not yet serving.
 
     The page is at ``/``, the cube at ``/nasar.zarr/`` (the page's default
-    ``?store``). Requests with a ``Range`` header get ``206 Partial Content``.
+    ``?store``); a file is served only if its resolved path (symlinks followed)
+    lies inside the page's folder or the cube's, and only to requests whose
+    ``Host`` names this server (421 otherwise). ``Range: bytes=a-b`` gets
+    ``206 Partial Content``; several ranges or another unit get the whole file.
 
     Parameters
     ----------
@@ -166,11 +83,18 @@ def make_server(
         TCP port; 0 picks a free one (see ``server.server_address``).
     verbose
         Log every request to stderr.
+    workers
+        Threads answering requests, at most; further requests wait their turn.
+    idle_timeout
+        Seconds a keep-alive connection may stay idle before it is closed.
+    max_connections
+        Open connections, at most (the longest-idle one is closed to make room).
 
     Returns
     -------
-    http.server.ThreadingHTTPServer
-        Call ``serve_forever()`` (e.g. in a thread) and ``shutdown()``.
+    PooledHTTPServer
+        Call ``serve_forever()`` (e.g. in a thread), then ``shutdown()`` and
+        ``server_close()``.
 
     Raises
     ------
@@ -186,21 +110,41 @@ def make_server(
     >>> viewer_url(server)  # doctest: +SKIP
     'http://127.0.0.1:40123/'
     """
-    store_dir = None if dest is None else _local_store(dest)
-    handler = type("NasarViewerHandler", (_Handler,), {"store_dir": store_dir, "verbose": verbose})
+    roots = {"": STATIC_DIR.resolve()}  # resolved once: what every request is held to
+    if dest is not None:
+        roots[STORE_MOUNT] = _local_store(dest)
+    handler: type[ViewerHandler] = type(
+        "NasarViewerHandler",
+        (ViewerHandler,),
+        {"roots": roots, "verbose": verbose, "host_names": _host_names(host)},
+    )
     try:
-        server = http.server.ThreadingHTTPServer((host, port), handler)
+        server = PooledHTTPServer(
+            (host, port),
+            handler,
+            workers=workers,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+        )
     except OSError as exc:
         raise ViewerError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port"
             " (0: any free port)"
         ) from None
-    server.daemon_threads = True
+    handler.port = server.server_address[1]
     return server
 
 
+def _host_names(host: str) -> tuple[str, ...]:
+    """The Host names the server answers to: loopback's, and a specific bound address."""
+    name = f"[{host}]" if ":" in host else host
+    if name in LOCAL_NAMES or name in ("0.0.0.0", "[::]", ""):
+        return LOCAL_NAMES
+    return (*LOCAL_NAMES, name.lower())
+
+
 def viewer_url(
-    server: http.server.HTTPServer, *, sample: str | None = None, store: str | None = None
+    server: socketserver.TCPServer, *, sample: str | None = None, store: str | None = None
 ) -> str:
     """The page's URL on a running :func:`make_server`.
 

@@ -1,0 +1,389 @@
+"""The one seam for bytes of stored objects: "these ranges of this object", local or remote.
+
+Every reader of the cube's shards asks this module for byte ranges, as
+zarr-python's ``Store.get(key, byte_range=...)`` does: the shard index is a
+suffix range of its object, the inner chunks are ranges inside it. Decoding
+(:mod:`nasar_zarr.sharding`, :mod:`nasar_zarr.backend`) never knows where the
+bytes came from.
+
+- **Local** paths: ``os.pread`` on a descriptor opened for the call (the
+  backend's whole-shard scans memory-map instead; same seam, same decoding).
+- **s3://** (s3fs), **http(s)://** (fsspec's HTTP filesystem, aiohttp) and
+  **hf://** (translated to the Hub's ``resolve`` URL): ranges closer than
+  :data:`COALESCE_BYTES` are merged into one request, and up to
+  :data:`MAX_IN_FLIGHT` requests run concurrently on fsspec's event loop. The
+  first read of an object (its index, a suffix range: no HEAD) records its
+  ETag; every later range of it is sent with ``If-Match``, so an object
+  replaced under a reader fails with :class:`ObjectChangedError`, never a mix
+  of two versions.
+- Other fsspec URLs (``memory://``, ``gs://`` ...): ``fs.cat_ranges``, without
+  the ETag check.
+
+Nothing here survives a call but fsspec's own per-process filesystem
+instances, which fsspec rebuilds after ``fork``; a :class:`Location` is a
+frozen, picklable description (URL + options), so readers pickle to dask
+workers and into forked DataLoader workers. Why fsspec rather than obstore:
+obstore's Rust runtime hangs in a child forked after the parent used it
+(measured here with obstore 0.12.1; PyTorch's default DataLoader forks), while
+fsspec gives each process its own client; docs/ANALYSIS.md has the comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CubeDamagedError, NasarZarrError
+
+COALESCE_BYTES = 1 << 16  # ranges closer than this are fetched as one (64 KiB)
+MAX_REQUEST_BYTES = 32 << 20  # ...up to this many bytes per request
+MAX_IN_FLIGHT = 32  # concurrent requests per call
+
+
+class ObjectChangedError(NasarZarrError, RuntimeError):
+    """A stored object was replaced while a reader held what it read of it before."""
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The last bytes of an object, its total size and its version (ETag, or None)."""
+
+    data: bytes
+    size: int
+    version: str | None
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a cube's objects live: a local directory or an fsspec URL, with its options.
+
+    Frozen and picklable; the clients it uses are made in each process that reads.
+    """
+
+    url: str
+    storage_options: tuple[tuple[str, Any], ...] = field(default=())
+
+    @classmethod
+    def of(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> Location:
+        return cls(url.rstrip("/"), tuple(sorted(dict(storage_options or {}).items())))
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.url and not self.url.startswith("file://")
+
+    def path(self, key: str) -> str:
+        """The object ``key`` (relative to the cube's root) as a path or URL."""
+        base = self.url.split("://", 1)[1] if self.url.startswith("file://") else self.url
+        return f"{base}/{key}"
+
+    def _fs(self) -> Any:
+        import fsspec
+
+        url = _http_url(self.url)
+        protocol = url.split("://", 1)[0]
+        return fsspec.filesystem(protocol, **dict(self.storage_options))
+
+    # -- the seam ---------------------------------------------------------------------
+    def tails(self, keys: Sequence[str], nbytes: int) -> list[Tail | None]:
+        """The last ``nbytes`` of each object (fewer if it is shorter); None if absent."""
+        if not self.remote:
+            return [_local_tail(self.path(k), nbytes) for k in keys]
+        return self._run(self._tails, list(keys), nbytes)
+
+    def ranges(
+        self, requests: Sequence[tuple[str, int, int, str | None]]
+    ) -> list[bytes | memoryview]:
+        """``[start, end)`` of each ``(key, start, end, version)``, coalesced and concurrent.
+
+        Raises
+        ------
+        ObjectChangedError
+            An object's version is no longer ``version`` (remote stores with ETags).
+        CubeDamagedError
+            An object is shorter than a range in it.
+        """
+        if not requests:
+            return []
+        if not self.remote:
+            return [_local_range(self.path(k), a, b) for k, a, b, _ in requests]
+        return self._run(self._ranges, list(requests))
+
+    def whole(self, keys: Sequence[str]) -> list[Tail | None]:
+        """Each object whole (one GET each) with its size and version; None if absent."""
+        if not self.remote:
+            return [_local_tail(self.path(k), -1) for k in keys]
+        return self._run(self._wholes, list(keys))
+
+    # -- remote -----------------------------------------------------------------------
+    def _run(self, method: Any, *args: Any) -> Any:
+        from fsspec.asyn import sync
+
+        fs = self._fs()
+        if not getattr(fs, "async_impl", False):
+            return _blocking(method.__name__, fs, self, *args)
+        return sync(fs.loop, method, fs, *args)
+
+    async def _tails(self, fs: Any, keys: list[str], nbytes: int) -> list[Tail | None]:
+        limit = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def one(key: str) -> Tail | None:
+            async with limit:
+                return await _get(fs, self, key, f"bytes=-{nbytes}", None, missing_ok=True)
+
+        return list(await asyncio.gather(*(one(k) for k in keys)))
+
+    async def _wholes(self, fs: Any, keys: list[str]) -> list[Tail | None]:
+        limit = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def one(key: str) -> Tail | None:
+            async with limit:
+                return await _get(fs, self, key, None, None, missing_ok=True)
+
+        return list(await asyncio.gather(*(one(k) for k in keys)))
+
+    async def _ranges(
+        self, fs: Any, requests: list[tuple[str, int, int, str | None]]
+    ) -> list[bytes | memoryview]:
+        merged = coalesce(requests)
+        limit = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def one(key: str, start: int, end: int, version: str | None) -> bytes:
+            async with limit:
+                got = await _get(fs, self, key, f"bytes={start}-{end - 1}", version)
+            assert got is not None
+            if len(got.data) != end - start:
+                raise CubeDamagedError(
+                    f"{self.path(key)}: ends before byte {end} (got {len(got.data)} bytes"
+                    f" from {start}); the object is truncated"
+                )
+            return got.data
+
+        fetched = await asyncio.gather(*(one(*m.request) for m in merged))
+        out: list[bytes | memoryview] = [b""] * len(requests)
+        for m, data in zip(merged, fetched, strict=True):
+            view = memoryview(data)
+            for i in m.members:
+                _, a, b, _ = requests[i]
+                start = m.request[1]
+                out[i] = view[a - start : b - start] if len(m.members) > 1 else data
+        return out
+
+
+@dataclass(frozen=True)
+class Merged:
+    request: tuple[str, int, int, str | None]
+    members: tuple[int, ...]
+
+
+def coalesce(requests: Sequence[tuple[str, int, int, str | None]]) -> list[Merged]:
+    """Requests of one object closer than :data:`COALESCE_BYTES` merged (up to
+    :data:`MAX_REQUEST_BYTES` each); pure."""
+    order = sorted(range(len(requests)), key=lambda i: (requests[i][0], requests[i][1]))
+    merged: list[Merged] = []
+    for i in order:
+        key, a, b, version = requests[i]
+        if merged:
+            last = merged[-1]
+            k, start, end, v = last.request
+            if k == key and a - end <= COALESCE_BYTES and max(b, end) - start <= MAX_REQUEST_BYTES:
+                merged[-1] = Merged((k, start, max(end, b), v), (*last.members, i))
+                continue
+        merged.append(Merged((key, a, b, version), (i,)))
+    return merged
+
+
+async def _get(
+    fs: Any,
+    where: Location,
+    key: str,
+    byte_range: str | None,
+    version: str | None,
+    *,
+    missing_ok: bool = False,
+) -> Tail | None:
+    """One GET of ``key`` (a Range header when ``byte_range``; If-Match when ``version``)."""
+    path = where.path(key)
+    protocol = type(fs).protocol
+    protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+    if protocol in ("s3", "s3a"):
+        return await _get_s3(fs, path, byte_range, version, missing_ok=missing_ok)
+    if protocol in ("http", "https"):
+        return await _get_http(fs, _http_url(path), byte_range, version, missing_ok=missing_ok)
+    return await _get_generic(fs, path, byte_range, missing_ok=missing_ok)
+
+
+async def _get_s3(
+    fs: Any, path: str, byte_range: str | None, version: str | None, *, missing_ok: bool
+) -> Tail | None:
+    bucket, key, _ = fs.split_path(path)
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if byte_range:
+        kwargs["Range"] = byte_range
+    if version:
+        kwargs["IfMatch"] = version
+    try:
+        response = await fs._call_s3("get_object", **kwargs)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+    except OSError as exc:
+        text = str(exc)
+        if "PreconditionFailed" in text or "412" in text:
+            raise _changed(f"s3://{bucket}/{key}") from None
+        if "InvalidRange" in text or "416" in text:
+            return Tail(b"", 0, None)
+        raise
+    body = response["Body"]
+    try:
+        data = await body.read()
+    finally:
+        body.close()
+    return Tail(data, _total_size(response.get("ContentRange"), len(data)), response.get("ETag"))
+
+
+async def _get_http(
+    fs: Any, url: str, byte_range: str | None, version: str | None, *, missing_ok: bool
+) -> Tail | None:
+    session = await fs.set_session()
+    headers = dict(fs.kwargs.get("headers") or {})
+    if byte_range:
+        headers["Range"] = byte_range
+    if version:
+        headers["If-Match"] = version
+    kwargs = {k: v for k, v in fs.kwargs.items() if k != "headers"}
+    async with session.get(url, headers=headers, **kwargs) as response:
+        if response.status == 404 and missing_ok:
+            return None
+        if response.status == 412:
+            raise _changed(url)
+        if response.status == 416:
+            return Tail(b"", 0, response.headers.get("ETag"))
+        if response.status >= 400:
+            raise FileNotFoundError(f"{url}: HTTP {response.status} {response.reason}")
+        data = await response.read()
+        etag = response.headers.get("ETag")
+        if version and etag and etag != version:  # a server that ignores If-Match
+            raise _changed(url)
+        if byte_range and response.status == 200 and not byte_range.startswith("bytes=-"):
+            start, _, last = byte_range[len("bytes=") :].partition("-")
+            data = data[int(start) : int(last) + 1]  # a server that ignores Range
+        size = _total_size(response.headers.get("Content-Range"), len(data))
+        if byte_range and byte_range.startswith("bytes=-") and response.status == 200:
+            size = len(data)
+            data = data[-int(byte_range[len("bytes=-") :]) :]
+        return Tail(data, size, etag)
+
+
+async def _get_generic(
+    fs: Any, path: str, byte_range: str | None, *, missing_ok: bool
+) -> Tail | None:
+    try:
+        if byte_range is None:
+            data = await fs._cat_file(path)
+            return Tail(data, len(data), None)
+        first, _, last = byte_range[len("bytes=") :].partition("-")
+        if not first:
+            size = await fs._size(path)
+            start = max(0, size - int(last))
+            return Tail(await fs._cat_file(path, start=start, end=size), size, None)
+        data = await fs._cat_file(path, start=int(first), end=int(last) + 1)
+        return Tail(data, -1, None)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+
+
+def _blocking(method: str, fs: Any, where: Location, *args: Any) -> Any:
+    """The seam over a synchronous fsspec filesystem (no concurrency, no ETag check)."""
+    if method == "_tails":
+        keys, nbytes = args
+        out: list[Tail | None] = []
+        for key in keys:
+            path = where.path(key)
+            try:
+                size = fs.size(path)
+            except FileNotFoundError:
+                out.append(None)
+                continue
+            start = max(0, size - nbytes)
+            out.append(Tail(fs.cat_file(path, start=start, end=size), size, None))
+        return out
+    if method == "_wholes":
+        result: list[Tail | None] = []
+        for key in args[0]:
+            try:
+                data = fs.cat_file(where.path(key))
+            except FileNotFoundError:
+                result.append(None)
+                continue
+            result.append(Tail(data, len(data), None))
+        return result
+    return [fs.cat_file(where.path(k), start=a, end=b) for k, a, b, _ in args[0]]
+
+
+def _changed(url: str) -> ObjectChangedError:
+    return ObjectChangedError(
+        f"{url}: the object changed while it was being read (its ETag no longer matches"
+        " the version whose index was read); reopen the cube to read the new version"
+    )
+
+
+def _total_size(content_range: str | None, fallback: int) -> int:
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isdigit():
+            return int(total)
+    return fallback
+
+
+def _http_url(url: str) -> str:
+    """``hf://datasets/org/name@rev/path`` as the Hub's ``resolve`` URL; others unchanged."""
+    if not url.startswith("hf://"):
+        return url
+    rest = url[len("hf://") :]
+    kind, _, rest = rest.partition("/")
+    if kind not in ("datasets", "spaces", "models"):
+        kind, rest = "models", f"{kind}/{rest}"
+    org, name, *path = rest.split("/")
+    name, _, revision = name.partition("@")
+    prefix = "" if kind == "models" else f"{kind}/"
+    return f"https://huggingface.co/{prefix}{org}/{name}/resolve/{revision or 'main'}/" + "/".join(
+        path
+    )
+
+
+# -- local ------------------------------------------------------------------------------
+def _local_tail(path: str, nbytes: int) -> Tail | None:
+    """The last ``nbytes`` of a local file (all of it for -1), its size and identity."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        stat = os.fstat(fd)
+        start = 0 if nbytes < 0 else max(0, stat.st_size - nbytes)
+        data = os.pread(fd, stat.st_size - start, start)
+        return Tail(data, stat.st_size, f"{stat.st_size:x}-{stat.st_mtime_ns:x}")
+    finally:
+        os.close(fd)
+
+
+def _local_range(path: str, start: int, end: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, end - start, start)
+        while len(data) < end - start:
+            more = os.pread(fd, end - start - len(data), start + len(data))
+            if not more:
+                raise CubeDamagedError(
+                    f"{path}: ends at byte {start + len(data)}, before {end}; truncated"
+                )
+            data += more
+        return data
+    finally:
+        os.close(fd)

@@ -1,0 +1,172 @@
+"""One read path for local and remote cubes: the same bytes, only the needed ones.
+
+The session cube is served read-only over loopback HTTP (range GETs, ETags, a
+static host like the Hub's resolve URLs) and uploaded to a real S3 server
+(moto) behind a counting proxy; every read is compared bit for bit with the
+local cube, and requests and bytes are counted.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from nasar_zarr import backend, open_cube, ranges, sharding
+from nasar_zarr.testing.http import CountingProxy, RangeServer
+
+VARIABLES = ["rtc", "inc_angle", "ifg", "coh", "dem", "slope_deg", "rtc_present", "status"]
+
+
+@pytest.fixture(scope="module")
+def http_cube(small_cube):
+    """The session cube behind a Range server: yields (url, server)."""
+    with RangeServer(small_cube.parent) as server:
+        yield f"{server.url}/{small_cube.name}", server
+
+
+@pytest.fixture(scope="module")
+def s3_cube(s3_server, small_cube):
+    """The session cube in s3://remote-read/nasar.zarr behind a counting proxy."""
+    import s3fs
+
+    with CountingProxy(s3_server["endpoint_url"]) as proxy:
+        options = {**s3_server, "endpoint_url": proxy.url}
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("remote-read")
+        fs.put(str(small_cube) + "/", "remote-read/nasar.zarr/", recursive=True)
+        yield "s3://remote-read/nasar.zarr", options, proxy
+
+
+@pytest.fixture(scope="module")
+def local(small_cube):
+    return open_cube(str(small_cube)).compute()
+
+
+def _remote(request, http_cube, s3_cube):
+    if request.param == "http":
+        url, _ = http_cube
+        return url, None
+    url, options, _ = s3_cube
+    return url, options
+
+
+@pytest.fixture(params=["http", "s3"])
+def remote(request, http_cube, s3_cube):
+    backend.INDEX_CACHE._reset()
+    return _remote(request, http_cube, s3_cube)
+
+
+def test_open_cube_remote_equals_local_bit_for_bit(remote, local):
+    url, options = remote
+    ds = open_cube(url, storage_options=options)
+    for name in VARIABLES:
+        got = ds[name].values
+        assert got.tobytes() == local[name].values.tobytes(), name
+    for name in ("rtc", "coh", "status"):
+        picked = ds[name].isel(sample=[30, 2, 17]).values
+        assert picked.tobytes() == local[name].values[[30, 2, 17]].tobytes()
+    lazy = open_cube(url, storage_options=options, chunks=None)
+    assert lazy.rtc.isel(sample=5).values.tobytes() == local.rtc.values[5].tobytes()
+
+
+def test_remote_arrays_pickle_and_read_in_a_fresh_index_cache(remote, local):
+    url, options = remote
+    ds = open_cube(url, storage_options=options)
+    back = pickle.loads(pickle.dumps(ds))
+    backend.INDEX_CACHE._reset()
+    assert back.dem.isel(sample=[4]).values.tobytes() == local.dem.values[[4]].tobytes()
+
+
+def test_scattered_isel_over_http_reads_only_the_picked_chunks(http_cube, local):
+    url, server = http_cube
+    backend.INDEX_CACHE._reset()
+    ds = open_cube(url, chunks=16)  # dask chunks of two shards
+    server.reset()
+    got = ds.rtc.isel(sample=[1, 12, 29]).values
+    requests = server.reset()
+    assert got.tobytes() == local.rtc.values[[1, 12, 29]].tobytes()
+    assert {r.method for r in requests} == {"GET"}  # no HEAD, no listing
+    index_bytes = sharding.index_size(4)
+    tails = [r for r in requests if r.range == f"bytes=-{index_bytes}"]
+    chunks = [r for r in requests if r not in tails]
+    assert len(tails) == 3  # the index of each of the 3 shards touched
+    assert len(chunks) == 3  # one inner chunk each
+    needed = 0
+    for row in (1, 12, 29):
+        shard, c = divmod(row // 2, 4)
+        data = (url_path(url, server) / "rtc" / f"c/{shard}/0/0/0/0/0").read_bytes()
+        offset, nbytes = sharding.parse_index(data, 4)[c]
+        needed += int(nbytes)
+    assert sum(r.bytes_out for r in chunks) == needed
+    # the indexes are cached: the same selection again reads the chunks only
+    server.reset()
+    _ = ds.rtc.isel(sample=[1, 12, 29]).values
+    assert len(server.reset()) == 3
+
+
+def url_path(url, server):
+    return server.root / url.rsplit("/", 1)[1]
+
+
+def test_s3_reads_are_gets_only(s3_cube, local):
+    url, options, proxy = s3_cube
+    backend.INDEX_CACHE._reset()
+    ds = open_cube(url, storage_options=options)
+    proxy.reset()
+    got = ds.coh.isel(sample=[3, 20]).values
+    requests = proxy.reset()
+    assert got.tobytes() == local.coh.values[[3, 20]].tobytes()
+    assert {r.method for r in requests} == {"GET"}
+    assert len(requests) == 4  # 2 indexes + 2 inner chunks
+
+
+def test_an_object_replaced_under_a_reader_is_an_error(small_cube, tmp_path, local):
+    cube = tmp_path / "nasar.zarr"
+    shutil.copytree(small_cube, cube)
+    backend.INDEX_CACHE._reset()
+    with RangeServer(tmp_path) as server:
+        ds = open_cube(f"{server.url}/nasar.zarr", chunks=None)
+        assert ds.rtc.isel(sample=1).values.tobytes() == local.rtc.values[1].tobytes()
+        # another shard object of the same size takes its place: index cached, ETag differs
+        target = cube / "rtc" / "c/0/0/0/0/0/0"
+        data = target.read_bytes()
+        os.utime(target, ns=(0, 10**9))
+        target.write_bytes(data)
+        with pytest.raises(ranges.ObjectChangedError, match=r"rtc/c/0/0/0/0/0/0: the object"):
+            _ = ds.rtc.isel(sample=3).values
+        # the cache let go of the old index: the next read is of the new version
+        assert ds.rtc.isel(sample=3).values.tobytes() == local.rtc.values[3].tobytes()
+
+
+def test_coalesce_merges_neighbours_only():
+    requests = [
+        ("a", 0, 10, None),
+        ("a", 20, 30, None),
+        ("b", 0, 5, None),
+        ("a", 10**6, 10**6 + 1, None),
+    ]
+    merged = ranges.coalesce(requests)
+    assert [m.request for m in merged] == [
+        ("a", 0, 30, None),
+        ("a", 10**6, 10**6 + 1, None),
+        ("b", 0, 5, None),
+    ]
+    assert [m.members for m in merged] == [(0, 1), (3,), (2,)]
+
+
+def test_hf_urls_become_resolve_urls():
+    assert (
+        ranges._http_url("hf://datasets/org/nasar@v1/nasar.zarr/rtc/zarr.json")
+        == "https://huggingface.co/datasets/org/nasar/resolve/v1/nasar.zarr/rtc/zarr.json"
+    )
+
+
+def test_plain_xarray_reads_the_http_cube(http_cube, local):
+    url, _ = http_cube
+    ds = xr.open_zarr(url)
+    np.testing.assert_array_equal(ds.dem.values, local.dem.values)
