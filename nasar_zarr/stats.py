@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from . import schema
+from . import schema, streaming
 
 Transform = str | Callable[[xr.DataArray], xr.DataArray] | None
 
@@ -729,7 +729,8 @@ def _block_counts(
     (``out_ndim`` axes)."""
     if present is not None:
         present = present.reshape(present.shape[:present_ndim])
-    counts = fused_counts_kernel(np.asarray(x), present, **kwargs)
+    # a lazy chunk of open_cube is counted a few inner chunks at a time (counts add up)
+    counts = streaming.sum_pieces(fused_counts_kernel, x, present, **kwargs)
     return counts.reshape(1, counts.shape[0], counts.shape[2], *(1,) * (out_ndim - 3))
 
 

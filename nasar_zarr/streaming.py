@@ -39,15 +39,20 @@ object, a piece lives for one step of a loop.
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from dask.sizeof import sizeof
 
 PIECE_BYTES = 2 << 20  # of the widest input: whole inner chunks, a few MB, in cache
+# remote: larger pieces (one coalesced request each), a few in flight
+REMOTE_PIECE_BYTES = 16 << 20
+REMOTE_AHEAD = 3
 # numpy function -> (kind, NaN-skipping)
 REDUCTIONS: dict[Any, tuple[str, bool]] = {
     np.sum: ("sum", False),
@@ -77,15 +82,16 @@ MEMO = "_stream_handover"  # a chunk's attribute: the nansum its count pass comp
 _SIGNATURES = {f: inspect.signature(f) for f in REDUCTIONS}
 
 
-def _lazy_rows_type() -> type:
-    from .backend import LazyRows
-
-    return LazyRows
+def _is_rows(value: Any) -> bool:
+    """A :class:`~nasar_zarr.backend.LazyRows`. Not imported: backend's hooks import this
+    module (so this one stays below it), and a LazyRows exists only once backend is loaded."""
+    backend = sys.modules.get("nasar_zarr.backend")
+    return backend is not None and isinstance(value, backend.LazyRows)
 
 
 def is_lazy(value: Any) -> bool:
     """True for a chunk this module can stream (a LazyRows or a :class:`LazyMap`)."""
-    return isinstance(value, (LazyMap, _lazy_rows_type()))
+    return isinstance(value, LazyMap) or _is_rows(value)
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -200,8 +206,9 @@ class LazyMap(np.lib.mixins.NDArrayOperatorsMixin):
             with self._lock:
                 if self._values is None:
                     out = np.empty(self.shape, self.dtype)
-                    for a, b in pieces(self):
-                        out[a:b] = _rows(self, a, b, self.shape[0], {})
+                    with _Pass(self, pieces(self)) as ahead:
+                        for a, b in ahead:
+                            out[a:b] = _rows(self, a, b, self.shape[0], {}, ahead)
                     self._values = out
         return self._values
 
@@ -278,23 +285,26 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
-def _rows(value: Any, a: int, b: int, n: int, cache: dict[int, Any]) -> Any:
-    """Rows ``a:b`` of an operand of ``n`` rows (a lazy chunk is read or evaluated once per
-    piece: ``cache``, keyed by the operand's id, lives for one piece)."""
+def _rows(
+    value: Any, a: int, b: int, n: int, cache: dict[int, Any], ahead: _Pass | None = None
+) -> Any:
+    """Rows ``a:b`` of an operand of ``n`` rows. A lazy chunk is read or evaluated once per
+    piece (``cache``, keyed by the operand's id, lives for one piece); ``ahead`` holds
+    the reads of a remote chunk's next pieces, already in flight."""
     if isinstance(value, LazyMap):
         if value._values is not None:
             return value._values[a:b]
         got = cache.get(id(value))
         if got is None:
-            got = value.func(*(_rows(v, a, b, n, cache) for v in value.operands))
+            got = value.func(*(_rows(v, a, b, n, cache, ahead) for v in value.operands))
             cache[id(value)] = got
         return got
-    if isinstance(value, _lazy_rows_type()):
-        if value._values is not None:
-            return value._values[a:b]
+    if _is_rows(value):
         got = cache.get(id(value))
         if got is None:
-            got = _read(value, a, b)
+            got = ahead.take(value, a, b) if ahead is not None else None
+            if got is None:
+                got = _read(value, a, b)
             cache[id(value)] = got
         return got
     if isinstance(value, np.ndarray) and value.ndim and value.shape[0] == n and n != 1:
@@ -303,13 +313,54 @@ def _rows(value: Any, a: int, b: int, n: int, cache: dict[int, Any]) -> Any:
 
 
 def _read(chunk: Any, a: int, b: int) -> np.ndarray:
-    """Samples ``a:b`` of a LazyRows, read through the fast reader (only their inner chunks)."""
-    from .backend import read_rows
+    """Samples ``a:b`` of a LazyRows: its narrowing, read by the fast reader (only the
+    inner chunks that hold them), or a view of its values where already read."""
+    if chunk._values is not None:
+        return np.asarray(chunk._values[a:b])
+    return np.asarray(chunk[a:b].values())
 
-    rows = chunk.rows[a:b]
-    if isinstance(rows, range) and rows.step == 1:
-        return read_rows(chunk.layout, slice(rows.start, rows.stop))
-    return read_rows(chunk.layout, np.asarray(rows, dtype=np.int64))
+
+def _remote(value: Any) -> bool:
+    return getattr(value.layout, "location", None) is not None
+
+
+class _Pass:
+    """One pass over a lazy chunk's pieces: on a remote store, the reads of the next
+    :data:`REMOTE_AHEAD` pieces of each remote input in flight (threads of this pass
+    only, shut down with it), so the pass pays the latency once, not once a piece."""
+
+    def __init__(self, value: Any, spans: list[tuple[int, int]]) -> None:
+        self.remote = [leaf for leaf in _leaves(value) if leaf._values is None and _remote(leaf)]
+        self.spans = spans
+        self.pool = ThreadPoolExecutor(REMOTE_AHEAD) if self.remote else None
+        self.futures: dict[tuple[int, int, int], Future[np.ndarray]] = {}
+        self.submitted = 0
+
+    def __enter__(self) -> _Pass:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def advance(self, i: int) -> None:
+        """Piece ``i`` is next: keep it and the following pieces' reads in flight."""
+        if self.pool is None:
+            return
+        while self.submitted < min(len(self.spans), i + REMOTE_AHEAD):
+            a, b = self.spans[self.submitted]
+            for leaf in self.remote:
+                self.futures[id(leaf), a, b] = self.pool.submit(_read, leaf, a, b)
+            self.submitted += 1
+
+    def take(self, leaf: Any, a: int, b: int) -> np.ndarray | None:
+        future = self.futures.pop((id(leaf), a, b), None)
+        return None if future is None else future.result()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i, span in enumerate(self.spans):
+            self.advance(i)
+            yield span
 
 
 def _leaves(value: Any) -> Iterator[Any]:
@@ -324,14 +375,20 @@ def pieces(value: Any, piece_bytes: int | None = None) -> list[tuple[int, int]]:
     """``(a, b)`` row ranges covering a lazy chunk: about ``piece_bytes`` of its widest
     input each, cut at its first input's inner-chunk boundaries where its rows are
     contiguous (so no inner chunk is decoded twice)."""
-    piece_bytes = PIECE_BYTES if piece_bytes is None else piece_bytes
     n = value.shape[0]
     leaves = [leaf for leaf in _leaves(value) if leaf._values is None] or [value]
+    if piece_bytes is None:
+        remote = any(_is_rows(leaf) and _remote(leaf) for leaf in leaves)
+        piece_bytes = REMOTE_PIECE_BYTES if remote else PIECE_BYTES
     row_bytes = max(int(np.prod(leaf.shape[1:])) * leaf.dtype.itemsize for leaf in leaves)
     first = leaves[0]
     layout = getattr(first, "layout", None)
     inner = int(layout.inner) if layout is not None else 1
-    step = max(1, piece_bytes // max(1, row_bytes * inner)) * inner
+    k = max(1, piece_bytes // max(1, row_bytes * inner))
+    if layout is not None:  # whole pieces per shard, so none spans two objects
+        per_shard = max(1, layout.shard // inner)
+        k = max(d for d in range(1, min(k, per_shard) + 1) if per_shard % d == 0)
+    step = k * inner
     rows = getattr(first, "rows", None)
     start = rows.start if isinstance(rows, range) and rows.step == 1 else 0
     edges = [0]
@@ -398,27 +455,29 @@ def reduce(
         # xarray's nansum: sum(where(isnan(x), 0, x)), the same values as nansum(x)
         masked = _nan_masked(value)
         if masked is not None:
-            value, skipnan = masked, True
+            value, skipnan, func = masked, True, np.nansum
     counted = _counted(value) if kind == "sum" else None
     parts: list[Any] = []
     sums: list[Any] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # All-NaN pieces: judged whole
-        for a, b in pieces(counted if counted is not None else value):
-            if counted is not None:
-                # dask's mean/var count a chunk's non-NaN values (sum(~isnan(x))), then
-                # nansum it with the same arguments: both in one pass, the sum handed over
-                piece = _rows(counted, a, b, n, {})
-                count, total = _count_and_nansum(piece, axes, kwargs)
-                parts.append(count)
-                sums.append(total)
-            else:
-                piece = _rows(value, a, b, n, {})
-                parts.append(_piece_reduce(piece, kind, skipnan, func, axes, kwargs))
+        source = counted if counted is not None else value
+        with _Pass(source, pieces(source)) as ahead:
+            for a, b in ahead:
+                piece = _rows(source, a, b, n, {}, ahead)
+                if counted is not None:
+                    # dask's mean/var count a chunk's non-NaN values (sum(~isnan(x))),
+                    # then nansum it with the same arguments: both in one pass, the sum
+                    # handed over
+                    count, total = _count_and_nansum(piece, axes, kwargs)
+                    parts.append(count)
+                    sums.append(total)
+                else:
+                    parts.append(_piece_reduce(piece, kind, skipnan, func, axes, kwargs))
     result = _combine(parts, kind, skipnan, axes)
     if counted is not None:
         result = result.astype(np.dtype(dtype) if dtype is not None else np.intp)
-        if dtype is not None:
+        if all(total is not None for total in sums):
             _give_handover(counted, axes, dtype, _combine(sums, "sum", True, axes))
     if kind in ("min", "max") and skipnan and np.isnan(result).any():
         warnings.warn("All-NaN slice encountered", RuntimeWarning, stacklevel=4)
@@ -446,8 +505,12 @@ def _piece_reduce(
 
 def _count_and_nansum(
     piece: np.ndarray, axes: tuple[int, ...], kwargs: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The non-NaN count (int64) and the nansum of a piece, with keepdims."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The non-NaN count (int64) and the nansum of a piece (None unless a float ``dtype``
+    is asked for: only dask's mean/var hand a sum over), with keepdims."""
+    dtype = kwargs.get("dtype")
+    if dtype is None or np.dtype(dtype).kind not in "fc":
+        return np.sum(~np.isnan(piece), axis=axes, keepdims=True, dtype=np.int64), None
     total = np.sum(piece, axis=axes, keepdims=True, **kwargs)
     if not np.isnan(total).any():  # no NaN: every value counts, the sum is the nansum
         size = int(np.prod([piece.shape[i] for i in axes]))
@@ -566,12 +629,13 @@ def sum_pieces(
     if not is_lazy(chunk) or _evaluated(chunk) or chunk.shape[0] == 0:
         return kernel(np.asarray(chunk), aligned, **kwargs)
     total = None
-    for a, b in pieces(chunk):
-        part = kernel(
-            np.asarray(_rows(chunk, a, b, chunk.shape[0], {})),
-            None if aligned is None else aligned[a:b],
-            **kwargs,
-        )
-        total = part if total is None else total + part
+    with _Pass(chunk, pieces(chunk)) as ahead:
+        for a, b in ahead:
+            part = kernel(
+                np.asarray(_rows(chunk, a, b, chunk.shape[0], {}, ahead)),
+                None if aligned is None else aligned[a:b],
+                **kwargs,
+            )
+            total = part if total is None else total + part
     assert total is not None
     return total

@@ -203,7 +203,9 @@ def test_lazy_rows_narrow_before_reading(small_cube, reference):
     assert type(back) is np.ndarray
     np.testing.assert_array_equal(back, values[[20, 3]])
     assert np.concatenate([picked, chunk[[0]]]).shape == (3, *layout.row_shape)
-    assert float(np.sum(chunk)) == float(values[:24].sum(dtype=np.float32))
+    # a reduction streams (nasar_zarr.streaming): equal to float32 rounding, nothing kept
+    np.testing.assert_allclose(np.sum(chunk), values[:24].sum(dtype=np.float32), rtol=1e-6)
+    assert "not read" in repr(chunk)
     assert chunk.astype(np.float64).dtype == np.float64 and "read" in repr(chunk)
     assert dask.sizeof.sizeof(chunk) == chunk.nbytes == values[:24].nbytes
     with pytest.raises(IndexError):
