@@ -102,10 +102,20 @@ def open_cube(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     zstore = store.zarr_store(url, storage_options, read_only=True)
+    # The label coordinates are fixed by the contract (docs/CUBE.md): taken from schema
+    # rather than read, they cost no request (six GETs on a remote store).
+    labels = [d for d in schema.LABELS if d not in kwargs.get("drop_variables", ())]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        ds = xr.open_zarr(zstore, chunks=None, zarr_format=3, **kwargs)
-    ds = _drop_layout_encodings(ds)
+        ds = xr.open_zarr(
+            zstore,
+            chunks=None,
+            zarr_format=3,
+            **{**kwargs, "drop_variables": [*kwargs.get("drop_variables", ()), *labels]},
+        )
+    ds = _drop_layout_encodings(ds).assign_coords(
+        {d: (d, schema.LABELS[d], schema.LABEL_ATTRS[d]) for d in labels if d in ds.dims}
+    )
     n = ds.sizes.get(schema.SAMPLE_DIM, 0)
     size = None if chunks is None else _sample_chunk(ds, n, chunks)
     fast = (

@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -87,7 +88,8 @@ def test_scattered_isel_over_http_reads_only_the_picked_chunks(http_cube, local)
     backend.INDEX_CACHE._reset()
     ds = open_cube(url, chunks=16)  # dask chunks of two shards
     server.reset()
-    got = ds.rtc.isel(sample=[1, 12, 29]).values
+    with dask.config.set(scheduler="threads"):  # this process's index cache, not a worker's
+        got = ds.rtc.isel(sample=[1, 12, 29]).values
     requests = server.reset()
     assert got.tobytes() == local.rtc.values[[1, 12, 29]].tobytes()
     assert {r.method for r in requests} == {"GET"}  # no HEAD, no listing
@@ -105,7 +107,8 @@ def test_scattered_isel_over_http_reads_only_the_picked_chunks(http_cube, local)
     assert sum(r.bytes_out for r in chunks) == needed
     # the indexes are cached: the same selection again reads the chunks only
     server.reset()
-    _ = ds.rtc.isel(sample=[1, 12, 29]).values
+    with dask.config.set(scheduler="threads"):
+        _ = ds.rtc.isel(sample=[1, 12, 29]).values
     assert len(server.reset()) == 3
 
 
@@ -118,7 +121,8 @@ def test_s3_reads_are_gets_only(s3_cube, local):
     backend.INDEX_CACHE._reset()
     ds = open_cube(url, storage_options=options)
     proxy.reset()
-    got = ds.coh.isel(sample=[3, 20]).values
+    with dask.config.set(scheduler="threads"):
+        got = ds.coh.isel(sample=[3, 20]).values
     requests = proxy.reset()
     assert got.tobytes() == local.coh.values[[3, 20]].tobytes()
     assert {r.method for r in requests} == {"GET"}
