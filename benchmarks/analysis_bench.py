@@ -2,8 +2,9 @@
 
 Writes a synthetic corpus (6 tars x 200 samples), converts it in-process, builds a
 1,099,604-sample metadata-only store for the task count, and prints the figures of
-``measure.analysis_figures`` as JSON (analysis_scan_sps, wds2_pass_sps,
-analysis_scan_over_wds2, histogram_over_wds2, tasks_full_reduction_1m,
+``measure.analysis_figures`` as JSON (analysis_scan_sps: the mean of every
+variable; wds2_pass_sps, analysis_scan_over_wds2, materialize_scan_sps,
+reduction_over_materialize, histogram_over_wds2, tasks_full_reduction_1m,
 normalized_over_raw_cpu).
 """
 

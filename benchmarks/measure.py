@@ -1240,17 +1240,47 @@ def _import_webdataset(_: int) -> bool:
 
 
 def analysis_scan(store: Path) -> tuple[float, float]:
-    """Wall and CPU seconds to read every variable of every sample through ``open_cube``.
+    """Wall and CPU seconds of the mean of every variable through ``open_cube``.
 
-    The default ``open_cube`` (dask chunks of whole shards, the fast reader), every
-    dask block materialized with the threaded scheduler (:func:`scan_dask`).
+    The default ``open_cube`` (dask chunks of whole shards, the fast reader), one
+    ``dask.compute`` of ``ds[v].mean()`` for every data variable, threaded
+    scheduler: what an analysis does with the cube (each chunk streamed through
+    :mod:`nasar_zarr.streaming`, never held whole).
     """
+    import dask
+
+    from nasar_zarr import open_cube
+
+    ds = open_cube(str(store))
+    means = [ds[name].mean() for name in ds.data_vars]
+    c = cpu_seconds()
+    t = now()
+    dask.compute(*means, scheduler="threads")
+    return now() - t, cpu_seconds() - c
+
+
+def materialize_scan(store: Path) -> tuple[float, float]:
+    """Wall and CPU seconds to read every dask block of every variable of ``open_cube``
+    as numpy (:func:`scan_dask`): the floor a reduction is compared with."""
     from nasar_zarr import open_cube
 
     ds = open_cube(str(store))
     c = cpu_seconds()
     wall = scan_dask(ds, list(ds.data_vars))
     return wall, cpu_seconds() - c
+
+
+def reduction_scan(store: Path, op: str) -> float:
+    """Wall seconds of ``ds[v].<op>()`` for every variable (one threaded compute)."""
+    import dask
+
+    from nasar_zarr import open_cube
+
+    ds = open_cube(str(store))
+    results = [getattr(ds[name], op)() for name in ds.data_vars]
+    t = now()
+    dask.compute(*results, scheduler="threads")
+    return now() - t
 
 
 def analysis_histogram(store: Path) -> tuple[float, float]:
@@ -1299,7 +1329,10 @@ def analysis_figures(
 ) -> dict[str, Any]:
     """The analysis read figures, each pass interleaved with a two-process wds pass.
 
-    Keys: ``analysis_scan_sps``, ``wds2_pass_sps``, ``analysis_scan_over_wds2``,
+    Keys: ``analysis_scan_sps`` (the mean of every variable), ``wds2_pass_sps``,
+    ``analysis_scan_over_wds2``, ``materialize_scan_sps`` (every block read as numpy),
+    ``reduction_over_materialize`` (the mean's rate over that; goal >= 0.8), the same
+    for ``sum`` and ``max`` (``sum_scan_over_materialize``, ...),
     ``histogram_sps``, ``histogram_over_wds2``, ``normalized_over_raw_cpu``
     (normalized CPU / raw-read CPU; goal <= 1.1), ``tasks_full_reduction_1m`` (with
     ``path_1m``, a metadata-only store from :func:`metadata_store_1m`), and the CPU
@@ -1307,16 +1340,21 @@ def analysis_figures(
     """
     tars = tar_paths(corpus)
     warm_page_cache([*tars, store])
-    wds2, scans, hists, norms = [], [], [], []
+    wds2, scans, mats, hists, norms = [], [], [], [], []
+    ops: dict[str, list[float]] = {"sum": [], "max": []}
     n = 0
     for _ in range(repeats):
         n, s = wds2_pass(tars)
         wds2.append(s)
+        mats.append(materialize_scan(store))
         scans.append(analysis_scan(store))
+        for op in ops:
+            ops[op].append(reduction_scan(store, op))
         hists.append(analysis_histogram(store))
         norms.append(normalized_cpu(store))
     wds2_sps = n / min(wds2)
     scan_sps = n / min(w for w, _ in scans)
+    mat_sps = n / min(w for w, _ in mats)
     hist_sps = n / min(w for w, _ in hists)
     out: dict[str, Any] = {
         "samples": n,
@@ -1326,10 +1364,22 @@ def analysis_figures(
         "analysis_scan_sps_each": [round(n / w, 1) for w, _ in scans],
         "analysis_scan_cpu_ms_per_sample": round(min(c for _, c in scans) / n * 1e3, 3),
         "analysis_scan_over_wds2": round(scan_sps / wds2_sps, 3),
+        "materialize_scan_sps": round(mat_sps, 1),
+        "materialize_scan_sps_each": [round(n / w, 1) for w, _ in mats],
+        "materialize_scan_cpu_ms_per_sample": round(min(c for _, c in mats) / n * 1e3, 3),
+        "reduction_over_materialize": round(scan_sps / mat_sps, 3),
+        "reduction_over_materialize_each": [
+            round(m / r, 3) for (r, _), (m, _) in zip(scans, mats, strict=True)
+        ],
+        **{
+            f"{op}_scan_over_materialize": round(min(w for w, _ in mats) / min(t), 3)
+            for op, t in ops.items()
+        },
         "histogram_sps": round(hist_sps, 1),
         "histogram_sps_each": [round(n / w, 1) for w, _ in hists],
         "histogram_cpu_ms_per_sample": round(min(c for _, c in hists) / n * 1e3, 3),
         "histogram_over_wds2": round(hist_sps / wds2_sps, 3),
+        "histogram_over_materialize": round(hist_sps / mat_sps, 3),
         "normalized_over_raw_cpu": round(
             min(d["normalized_cpu_s"] / d["raw_cpu_s"] for d in norms), 3
         ),
@@ -1337,6 +1387,13 @@ def analysis_figures(
             round(d["normalized_cpu_s"] / d["raw_cpu_s"], 3) for d in norms
         ],
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "notes": {
+            "analysis_scan_over_wds2": "the mean of every variable (default open_cube, one"
+            " threaded dask.compute) over wds2_pass_sps; best of interleaved rounds",
+            "reduction_over_materialize": "samples/s of that mean over samples/s of reading"
+            " every dask block of every variable as numpy (same open_cube, same scheduler),"
+            " best of interleaved rounds of each",
+        },
     }
     if path_1m is not None:
         out["tasks_full_reduction_1m"] = tasks_full_reduction(path_1m)

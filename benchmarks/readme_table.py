@@ -37,6 +37,8 @@ CONTEXT = [
     ("convert_over_wds2_cli_deflated", "the same, deflated"),
     ("convert_serial_s", "serial part of plan + execute (plan, skeleton, metadata), s"),
     ("speedup_2_workers_execute", "speedup 1 -> 2 workers of plan + execute"),
+    ("analysis_scan_sps", "mean of every variable, default open_cube (samples/s)"),
+    ("materialize_scan_sps", "every dask block of every variable read as numpy (samples/s)"),
 ]
 
 

@@ -66,6 +66,7 @@ GOALS: dict[str, tuple[str, float]] = {  # key: (comparison, target)
     # (issue 15): filled in by their scripts when present
     "analysis_scan_over_wds2": (">=", 2.0),
     "histogram_over_wds2": (">=", 2.0),
+    "reduction_over_materialize": (">=", 0.8),  # issue 20: reductions stream
     "tasks_full_reduction_1m": ("<=", 5000),
     "normalized_over_raw_cpu": ("<=", 1.1),
     "loader_over_wds_loader": (">=", 2.0),
@@ -585,6 +586,7 @@ MAIN_ROWS = [
     ("open_s_1m", "1,099,604 samples"),
     ("analysis_scan_over_wds2", "open_cube + dask"),
     ("histogram_over_wds2", ""),
+    ("reduction_over_materialize", "mean of every variable / reading its blocks"),
     ("tasks_full_reduction_1m", "ds.mean(), default open_cube"),
     ("normalized_over_raw_cpu", "CPU of normalized() over raw"),
     ("loader_over_wds_loader", ""),

@@ -79,13 +79,25 @@ def skeleton(plan: ConversionPlan, metadata_schema: pa.Schema) -> tuple[xr.Datas
         da.zeros(present_shape, chunks=(shard, 2, 2, 2), dtype=bool),
         schema.RTC_PRESENT_ATTRS,
     )
-    encoding[schema.RTC_PRESENT] = {"chunks": (shard, 2, 2, 2), "_FillValue": None, **flags_enc}
+    # The flags are sharded like the data variables (same inner chunk and shard, zstd +
+    # crc32c inside), so plain xr.open_zarr gives every variable the same chunks.
+    encoding[schema.RTC_PRESENT] = {
+        "chunks": (inner, 2, 2, 2),
+        "shards": (shard, 2, 2, 2),
+        "_FillValue": None,
+        **flags_enc,
+    }
     ds[schema.STATUS] = (
         (schema.SAMPLE_DIM,),
         da.zeros((n,), chunks=shard, dtype="uint8"),
         schema.STATUS_ATTRS,
     )
-    encoding[schema.STATUS] = {"chunks": (shard,), "_FillValue": None, **flags_enc}
+    encoding[schema.STATUS] = {
+        "chunks": (inner,),
+        "shards": (shard,),
+        "_FillValue": None,
+        **flags_enc,
+    }
     for var in ds.data_vars.values():
         var.encoding["coordinates"] = names  # written one by one after the skeleton
     roles = columns.recognise(metadata_schema.names, **dict(o.columns))

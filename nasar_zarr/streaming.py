@@ -19,7 +19,7 @@ What streams (everything else reads the chunk whole, as before):
   (``np.isnan(x)``, ``~m``, ``x - u``, ...) and ``np.where(c, x, y)`` on a
   lazy chunk return a :class:`LazyMap` (the expression, not its values),
   which a reduction evaluates piece by piece and anything else evaluates
-  whole (once, then kept).
+  whole, as numpy would have (the chunks read whole and kept, once).
 - dask's ``mean`` asks a chunk for its count of non-NaN values and then its
   ``nansum`` with the same arguments: the pass that counts also sums, and the
   sum is handed over (:func:`reduce`), so the chunk is read once.
@@ -201,15 +201,16 @@ class LazyMap(np.lib.mixins.NDArrayOperatorsMixin):
 
     # --- the array, evaluated once
     def values(self) -> np.ndarray:
-        """The expression evaluated whole (on the first call, then kept)."""
+        """The expression evaluated whole (on the first call, then kept).
+
+        As numpy would have evaluated it: its lazy chunks read whole (and kept by
+        them, so another use of a chunk does not read it again), each step applied
+        to whole arrays; the steps' results are not kept.
+        """
         if self._values is None:
             with self._lock:
                 if self._values is None:
-                    out = np.empty(self.shape, self.dtype)
-                    with _Pass(self, pieces(self)) as ahead:
-                        for a, b in ahead:
-                            out[a:b] = _rows(self, a, b, self.shape[0], {}, ahead)
-                    self._values = out
+                    self._values = np.asarray(_whole(self))
         return self._values
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -269,6 +270,16 @@ class LazyMap(np.lib.mixins.NDArrayOperatorsMixin):
 @sizeof.register(LazyMap)
 def _sizeof_lazy_map(value: LazyMap) -> int:
     return value.nbytes
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, LazyMap):
+        if value._values is not None:
+            return value._values
+        return value.func(*(_whole(v) for v in value.operands))
+    if _is_rows(value):
+        return value.values()
+    return value
 
 
 def _evaluated(value: Any) -> bool:

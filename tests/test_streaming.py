@@ -127,7 +127,9 @@ def test_numpy_functions_on_a_chunk_stream_and_match(nan_cube, small_pieces, fun
 def test_dtype_and_the_ndarray_methods(nan_cube, small_pieces):
     chunk = _chunk(nan_cube, "rtc", range(0, 16))
     values = backend.read_rows(chunk.layout, slice(0, 16))
-    _close(chunk.sum(axis=(0, 4), dtype=np.float64), values.sum(axis=(0, 4), dtype=np.float64), False)
+    _close(
+        chunk.sum(axis=(0, 4), dtype=np.float64), values.sum(axis=(0, 4), dtype=np.float64), False
+    )
     _close(np.nansum(chunk, dtype="f8"), np.nansum(values, dtype="f8"), False)
     _close(chunk.max(axis=1), values.max(axis=1), True)
     status = _chunk(nan_cube, "status", range(0, 32))
@@ -159,11 +161,16 @@ def test_elementwise_steps_are_lazy_and_behave_as_arrays(nan_cube, small_pieces)
     assert isinstance(nan, streaming.LazyMap) and nan.dtype == bool and nan.shape == chunk.shape
     filled = np.where(nan, np.zeros((), np.float32), chunk)
     assert isinstance(filled, streaming.LazyMap) and chunk._values is None
-    np.testing.assert_array_equal(np.asarray(filled), np.where(np.isnan(values), 0, values))
+    assert repr(filled).startswith("LazyMap(where, shape=(8, 2, 2, 2, 128, 128)")
     scaled = chunk * 2 + 1
+    assert isinstance(scaled, streaming.LazyMap)
+    # used as an array, an expression is evaluated as numpy would: the chunk read whole
+    # (once, kept), every step on whole arrays
+    np.testing.assert_array_equal(np.asarray(filled), np.where(np.isnan(values), 0, values))
+    assert "read" in repr(chunk) and "not evaluated" in repr(nan)
     np.testing.assert_array_equal(scaled.copy(), values * 2 + 1)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(~nan)), ~np.isnan(values))
-    assert repr(np.isnan(chunk)).startswith("LazyMap(isnan, shape=(8, 2, 2, 2, 128, 128)")
+    assert type(np.isnan(chunk)) is np.ndarray  # a chunk already read: plain numpy
     # an input that does not line up with the samples: numpy's own error
     with pytest.raises(ValueError, match="could not be broadcast"):
         np.add(chunk, np.ones(3))
@@ -194,9 +201,7 @@ def test_a_mean_reads_each_chunk_once_and_never_whole(nan_cube, small_pieces):
 def test_histogram_streams_and_equals_the_whole_block_kernel(nan_cube, small_pieces):
     ds = open_cube(str(nan_cube))
     whole = open_cube(str(nan_cube), chunks=None).load()
-    np.testing.assert_array_equal(
-        ds.nasar.histogram().values, whole.nasar.histogram().values
-    )
+    np.testing.assert_array_equal(ds.nasar.histogram().values, whole.nasar.histogram().values)
     np.testing.assert_array_equal(
         ds.nasar.histogram("coh", by=None).values, whole.nasar.histogram("coh", by=None).values
     )
