@@ -57,6 +57,7 @@ SCHEMAS: dict[str, str] = {
     "sat": "https://stac-extensions.github.io/sat/v1.0.0/schema.json",
     "proj": "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
     "zarr": "https://stac-extensions.github.io/zarr/v1.0.0/schema.json",
+    "xarray": "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json",
 }
 
 # OPERA RTC-S1 is made from Sentinel-1 Interferometric Wide swath acquisitions
@@ -544,10 +545,12 @@ def build_collection(
             "cite-as", NASAR_RELEASE_URL, media_type="text/html", title="NA-SAR WebDataset release"
         )
     )
+    open_kwargs = xarray_open_kwargs(ds)
     asset = pystac.Asset(
         href=href,
         title="NA-SAR cube (Zarr v3)",
-        description="Open with xarray.open_zarr(href) or nasar_zarr.open_cube(href);"
+        description=f"Open with xarray.open_zarr(href, chunks={open_kwargs['chunks']!r})"
+        " (dask chunks of one shard: xarray:open_kwargs) or nasar_zarr.open_cube(href);"
         " dimensions and variables in cube:dimensions / cube:variables.",
         media_type=ZARR_MEDIA_TYPE,
         roles=["data"],
@@ -555,6 +558,7 @@ def build_collection(
             "zarr:zarr_format": 3,
             "zarr:consolidated": True,
             "zarr:node_type": "group",
+            "xarray:open_kwargs": open_kwargs,
             "cube:dimensions": _dimensions(ds),
             "cube:variables": _variables(ds),
         },
@@ -579,6 +583,40 @@ def build_collection(
         used.extend(a.extra_fields)
     collection.stac_extensions = _extensions_for(used)
     return collection
+
+
+def xarray_open_kwargs(ds: xr.Dataset) -> dict[str, Any]:
+    """The arguments of :func:`xarray.open_dataset` that open the cube with dask chunks of
+    one Zarr shard along ``sample`` (every variable and flag alike).
+
+    Without them plain xarray (and xpystac, intake's zarr driver) makes one dask chunk
+    per inner chunk: 2 samples, ~550,000 chunks per variable at full size.
+
+    Parameters
+    ----------
+    ds
+        A cube (``open_cube``): its shard size comes from the provenance.
+
+    Returns
+    -------
+    dict
+        ``{"engine": "zarr", "chunks": {"sample": shard}, "consolidated": True,
+        "zarr_format": 3}``, as the ``xarray:open_kwargs`` of the STAC asset.
+
+    Examples
+    --------
+    >>> xr.open_dataset(url, **xarray_open_kwargs(ds)).chunks["sample"][:2]  # doctest: +SKIP
+    (512, 512)
+    """
+    from .cube import shard_size
+
+    shard = shard_size(ds) or max(int(ds.sizes.get(schema.SAMPLE_DIM, 1)), 1)
+    return {
+        "engine": "zarr",
+        "chunks": {schema.SAMPLE_DIM: shard},
+        "consolidated": True,
+        "zarr_format": 3,
+    }
 
 
 # ---------------------------------------------------------------------------- files

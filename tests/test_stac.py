@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -131,10 +132,10 @@ def test_stac_extensions_are_exactly_the_ones_used(stac_dir):
     out, _ = stac_dir
     data = json.loads((out / "collection.json").read_text())
     assert data["stac_extensions"] == [
-        stac.SCHEMAS[p] for p in ("cube", "proj", "sar", "sat", "zarr")
+        stac.SCHEMAS[p] for p in ("cube", "proj", "sar", "sat", "xarray", "zarr")
     ]
     used = _prefixes({k: v for k, v in data.items() if k not in ("links", "stac_extensions")})
-    assert used == {"cube", "proj", "sar", "sat", "zarr"}
+    assert used == {"cube", "proj", "sar", "sat", "xarray", "zarr"}
     assert "self" not in {link["rel"] for link in data["links"]}
     # pystac's object model round trip keeps every field
     again = pystac.Collection.from_dict(data).to_dict(include_self_link=False)
@@ -150,6 +151,37 @@ def test_asset_opens_with_xarray_as_open_cube(stac_dir, cube):
     opened = xr.open_dataset(asset)  # xpystac: engine, zarr_format, consolidated from the asset
     # cube.compute(), not cube.load(): load() would change the session-wide fixture in place.
     xr.testing.assert_identical(opened.load(), cube.compute())
+    from xpystac.core import to_xarray
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 1-D coordinates: one stored chunk
+        # xpystac's to_xarray applies xarray:open_kwargs (xarray's engine="stac" route,
+        # open_dataset(asset), drops dask unless it is given chunks= itself)
+        chunked = to_xarray(asset)
+        asked = xr.open_dataset(asset, chunks={"sample": 8})
+    # dask chunks of one shard (8 samples here), every variable and flag alike
+    assert chunked.chunks["sample"] == asked.chunks["sample"] == (8, 8, 8, 8)
+    assert chunked.rtc.chunks[0] == chunked.status.chunks[0] == chunked.rtc_present.chunks[0]
+    xr.testing.assert_identical(chunked.load(), opened)
+
+
+def test_asset_open_kwargs_open_with_plain_xarray(stac_dir, small_cube):
+    out, _ = stac_dir
+    data = json.loads((out / "collection.json").read_text())
+    kwargs = data["assets"]["zarr"]["xarray:open_kwargs"]
+    assert kwargs == {
+        "engine": "zarr",
+        "chunks": {"sample": 8},
+        "consolidated": True,
+        "zarr_format": 3,
+    }
+    assert "chunks={'sample': 8}" in data["assets"]["zarr"]["description"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds = xr.open_dataset(data["assets"]["zarr"]["href"], **kwargs)
+        plain = xr.open_zarr(str(small_cube), chunks={"sample": 8})  # what the docs show
+    assert ds.chunks["sample"] == plain.chunks["sample"] == (8, 8, 8, 8)
+    assert float(ds.status.sum()) == float(plain.status.sum()) == N_SAMPLES
 
 
 def test_items_read_back_equal_the_metadata(stac_dir, cube, table):
