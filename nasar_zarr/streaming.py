@@ -66,7 +66,13 @@ REDUCTIONS: dict[Any, tuple[str, bool]] = {
     np.any: ("any", False),
     np.all: ("all", False),
 }
-METHODS = {"sum": np.sum, "min": np.min, "max": np.max, "any": np.any, "all": np.all}
+METHODS: dict[str, Callable[..., Any]] = {
+    "sum": np.sum,
+    "min": np.min,
+    "max": np.max,
+    "any": np.any,
+    "all": np.all,
+}
 # how the pieces' partial results combine (fmin/fmax: a NaN piece does not hide the rest)
 COMBINE: dict[tuple[str, bool], Callable[..., Any]] = {
     ("sum", False): np.add,
@@ -131,7 +137,7 @@ def array_ufunc(ufunc: Any, method: str, inputs: Sequence[Any], kwargs: dict[str
 
 def method(chunk: Any, name: str) -> Callable[..., Any] | None:
     """The streamed ndarray method ``name`` of a lazy chunk (``chunk.sum(...)``), or None."""
-    func = METHODS.get(name)
+    func: Callable[..., Any] | None = METHODS.get(name)
     if func is None:
         return None
     return lambda *args, **kwargs: func(chunk, *args, **kwargs)
@@ -510,7 +516,7 @@ def _piece_reduce(
         if not np.isnan(total).any():
             return total
     if kind == "sum" and piece.dtype == bool:  # counts: exact integers, cast once at the end
-        return np.sum(piece, axis=axes, keepdims=True, dtype=np.int64)
+        return np.asarray(np.sum(piece, axis=axes, keepdims=True, dtype=np.int64))
     return np.asarray(func(piece, axis=axes, keepdims=True, **kwargs))
 
 
@@ -521,14 +527,16 @@ def _count_and_nansum(
     is asked for: only dask's mean/var hand a sum over), with keepdims."""
     dtype = kwargs.get("dtype")
     if dtype is None or np.dtype(dtype).kind not in "fc":
-        return np.sum(~np.isnan(piece), axis=axes, keepdims=True, dtype=np.int64), None
+        return _count(~np.isnan(piece), axes), None
     total = np.sum(piece, axis=axes, keepdims=True, **kwargs)
     if not np.isnan(total).any():  # no NaN: every value counts, the sum is the nansum
         size = int(np.prod([piece.shape[i] for i in axes]))
         return np.full(total.shape, size, dtype=np.int64), total
-    present = ~np.isnan(piece)
-    count = np.sum(present, axis=axes, keepdims=True, dtype=np.int64)
-    return count, np.nansum(piece, axis=axes, keepdims=True, **kwargs)
+    return _count(~np.isnan(piece), axes), np.nansum(piece, axis=axes, keepdims=True, **kwargs)
+
+
+def _count(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(np.sum(mask, axis=axes, keepdims=True, dtype=np.int64))
 
 
 def _numpy_func(kind: str, skipnan: bool) -> Callable[..., Any]:
