@@ -166,16 +166,21 @@ def _damaged_chunks(
     key: str, data: bytes, shard_index: int, chunking: tuple[int, int]
 ) -> list[tuple[str, str]]:
     """Which chunks of a damaged object fail their own CRC-32C (cube contract 2): a data
-    variable's inner chunks (named with their samples), or a flag's single chunk."""
+    variable's or a sharded flag's inner chunks (named with their samples), or the single
+    chunk of a flag written unsharded (cubes before the flags were sharded)."""
     name = key.split("/", 1)[0]
     view = memoryview(data)
+    shard, inner = chunking
     if name not in schema.VARIABLES:
         try:
             sharding.checked(view)
+            return []
         except sharding.ChecksumMismatch as exc:
-            return [(key, f"the chunk fails its CRC-32C ({exc})")]
-        return []
-    shard, inner = chunking
+            single = exc
+        try:  # a flag sharded like the data variables: its index's CRC holds
+            sharding.parse_index(view, shard // inner)
+        except ValueError:  # a checksum mismatch, or too short for an index
+            return [(key, f"the chunk fails its CRC-32C ({single})")]
     try:
         index = sharding.parse_index(view, shard // inner)
     except sharding.ChecksumMismatch as exc:

@@ -137,6 +137,8 @@ def test_a_damaged_flag_chunk_is_refused(small_cube, tmp_path):
         match=r"status: inner chunk 0 of object c/0 \(samples 0-1\) at .*status fails its CRC",
     ):
         _ = open_cube(str(dest)).status.values
+    found = [str(m) for m in verify(str(dest), workers=0).mismatches]
+    assert any("status/c/0: inner chunk 0 (samples 0-1) fails its CRC-32C" in m for m in found)
 
 
 def test_cubes_without_chunk_checksums_still_read(tmp_path):
