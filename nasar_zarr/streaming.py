@@ -50,9 +50,9 @@ import numpy as np
 from dask.sizeof import sizeof
 
 PIECE_BYTES = 2 << 20  # of the widest input: whole inner chunks, a few MB, in cache
-# remote: larger pieces (one coalesced request each), a few in flight
-REMOTE_PIECE_BYTES = 16 << 20
-REMOTE_AHEAD = 3
+# remote: each piece one coalesced request, the next few in flight (measured: 4 MB x 6)
+REMOTE_PIECE_BYTES = 4 << 20
+REMOTE_AHEAD = 6
 # numpy function -> (kind, NaN-skipping)
 REDUCTIONS: dict[Any, tuple[str, bool]] = {
     np.sum: ("sum", False),
