@@ -98,8 +98,9 @@ def plan_conversion(
         columns=tuple(sorted((columns or {}).items())),
     )
     # Only the sharding columns: the others are read when the skeleton is written.
-    table = corpus.read_metadata(src, storage_options, columns=())
-    recognise(corpus.metadata_columns(src, storage_options), **dict(options.columns))
+    parquet = corpus.open_metadata(src, storage_options)  # one read for the whole plan
+    table = corpus.read_metadata(src, storage_options, columns=(), parquet=parquet)
+    recognise(corpus.metadata_columns(src, parquet=parquet), **dict(options.columns))
     summary = corpus.read_summary(src, storage_options)
     keys = table.column(schema.KEY_COLUMN)
     shard_of_row = table.column(schema.SHARD_PATH_COLUMN)
@@ -126,7 +127,7 @@ def plan_conversion(
         summary=summary,
         storage_options=storage_options,
     )
-    del table, keys, shard_of_row, indexed
+    del table, keys, shard_of_row, indexed, parquet
     # Indexing and joining leave Arrow's allocator holding freed pages (~480 MB at
     # 1.1 M samples, measured); hand them back before the conversion runs.
     pa.default_memory_pool().release_unused()

@@ -80,8 +80,8 @@ def execute(
     )
     with store_lock(plan.dest, so) as token:
         done = layout.prepare_store(plan, metadata, overwrite=overwrite)
-        run_plan_tasks(
+        records = run_plan_tasks(
             plan, done=done, lock_token=token, client=client, workers=workers, progress=progress
         )
-        layout.finalize(plan)
+        layout.finalize(plan, records)
     return open_cube(plan.dest, storage_options=so)

@@ -7,7 +7,7 @@ import os
 import tempfile
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import fsspec
@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from . import source
+from .errors import NotACubeError
 
 INTERNAL_PREFIX = "_nasar"  # converter bookkeeping objects, ignored by Zarr readers
 PROVENANCE_ATTR = "nasar_zarr"  # root attribute: the converter's provenance, a JSON string
@@ -105,10 +106,29 @@ def consolidate(url: str, storage_options: Mapping[str, Any] | None = None) -> N
         zarr.consolidate_metadata(zarr_store(url, storage_options), zarr_format=3)
 
 
+def read_bytes(fs, path: str) -> bytes:
+    """The whole object at ``path``, in one GET.
+
+    s3fs's ``cat_file`` first asks for the size (a HEAD, or its listings cache,
+    which can be stale and then raises FileNotFoundError for an object that
+    exists); one request per object read is what this asks for instead.
+    """
+    if "s3" in _protocols(fs):
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
 def read_json(url: str, relative: str, storage_options=None, default=None):
+    """The JSON object at ``relative`` in the store, read by name; ``default`` if it
+    does not exist (callers for which it must exist raise their own error)."""
     fs, root = filesystem(url, storage_options)
     try:
-        return json.loads(fs.cat_file(f"{root}/{relative}"))
+        return json.loads(read_bytes(fs, f"{root}/{relative}"))
     except FileNotFoundError:
         return default
 
@@ -168,24 +188,94 @@ def remove(url: str, relative: str, storage_options=None) -> None:
         pass
 
 
+def fresh_find(fs, path: str) -> list[str]:
+    """``fs.find(path)`` from the server, not from fsspec's listings cache.
+
+    s3fs caches listings per process: after another process (a dask worker, a
+    previous run) wrote under ``path``, a cached listing misses its objects, or
+    lists objects that reading by name then does not find. Every listing of the
+    writing side goes through here. A missing ``path`` lists nothing.
+    """
+    fs.invalidate_cache(path)
+    try:
+        return list(fs.find(path))
+    except FileNotFoundError:
+        return []
+
+
 def list_json(url: str, relative_dir: str, storage_options=None) -> list[str]:
     """Relative paths of the JSON objects under ``relative_dir`` (empty if none)."""
     fs, root = filesystem(url, storage_options)
-    try:
-        found = fs.find(f"{root}/{relative_dir}")
-    except FileNotFoundError:
-        return []
+    found = fresh_find(fs, f"{root}/{relative_dir}")
     return sorted(p[len(root) + 1 :] for p in found if p.endswith(".json"))
 
 
 def task_records(url: str, storage_options: Mapping[str, Any] | None = None) -> list[dict]:
-    """Every finished task's record, in task order."""
-    return [read_json(url, p, storage_options) for p in list_json(url, TASKS_DIR, storage_options)]
+    """Every finished task's record, in task order (listed, then each read by name)."""
+    records = []
+    for path in list_json(url, TASKS_DIR, storage_options):
+        record = read_json(url, path, storage_options)
+        if record is not None:  # deleted since the listing (append redoes a partial shard)
+            records.append(record)
+    return records
 
 
 def finished_tasks(url: str, storage_options: Mapping[str, Any] | None = None) -> set[int]:
     """Indexes of the tasks whose record exists (their Zarr shards are complete)."""
     return {int(p.rsplit("/", 1)[1][:-5]) for p in list_json(url, TASKS_DIR, storage_options)}
+
+
+def array_documents(
+    url: str, names: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, dict]:
+    """The ``zarr.json`` document of each array in ``names``, read by name.
+
+    One GET of the root ``zarr.json`` when it holds consolidated metadata (every
+    cube's skeleton does); otherwise one GET per array (cubes whose skeleton was
+    written before 0.4).
+
+    Raises
+    ------
+    NotACubeError
+        An array is missing.
+    """
+    root = read_json(url, "zarr.json", storage_options) or {}
+    found = dict((root.get("consolidated_metadata") or {}).get("metadata") or {})
+    out = {}
+    for name in names:
+        doc = found.get(name) or read_json(url, f"{name}/zarr.json", storage_options)
+        if doc is None:
+            raise NotACubeError(f"{url}: the cube has no array {name!r} ({name}/zarr.json)")
+        out[name] = doc
+    return out
+
+
+def chunk_key(name: str, document: Mapping[str, Any], chunk: int) -> str:
+    """Store key of chunk (or shard) ``chunk`` along ``sample`` of array ``name``."""
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    meta = ArrayV3Metadata.from_dict(dict(document))
+    return f"{name}/{meta.encode_chunk_key((chunk,) + (0,) * (len(meta.shape) - 1))}"
+
+
+def encode_chunk(document: Mapping[str, Any], values: np.ndarray, start: int) -> dict[str, bytes]:
+    """The stored bytes of the chunk(s) that ``values`` fill from row ``start``, keyed
+    by chunk key within the array (``c/0``; no key for a chunk of fill values only,
+    which Zarr does not store).
+
+    Encoded by zarr-python itself from the array's ``zarr.json``, in memory: what
+    ``array[start:start+len(values)] = values`` would write, without a request.
+    """
+    proto = zarr.core.buffer.default_buffer_prototype()
+    doc = {**document, "attributes": {}}
+    mem = zarr.storage.MemoryStore({"zarr.json": proto.buffer.from_bytes(json.dumps(doc).encode())})
+    array = zarr.open_array(mem, mode="r+", zarr_format=3)
+    array[start : start + len(values)] = values
+    return {
+        key: value.to_bytes()
+        for key, value in mem._store_dict.items()  # noqa: SLF001 - the bytes Zarr wrote
+        if key != "zarr.json"
+    }
 
 
 class ChecksumStore(zarr.storage.WrapperStore):
