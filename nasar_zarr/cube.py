@@ -103,7 +103,7 @@ def open_cube(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     zstore = store.zarr_store(url, storage_options, read_only=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), store.cube_errors(url, storage_options):
         warnings.simplefilter("ignore", UserWarning)
         ds = xr.open_zarr(zstore, chunks=None, zarr_format=3, **kwargs)
     ds = _drop_layout_encodings(ds)

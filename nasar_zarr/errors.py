@@ -73,6 +73,18 @@ class NotACubeError(StoreError, FileNotFoundError):
     """The path does not exist, or holds no cube written by nasar-zarr."""
 
 
+class StorageOptionsError(NasarZarrError, TypeError):
+    """A storage option the filesystem of a URL does not take."""
+
+
+class EndpointError(StoreError, ConnectionError):
+    """The endpoint of a URL cannot be reached, or does not answer as that kind of store."""
+
+
+class NoSuchBucketError(StoreError, FileNotFoundError):
+    """The bucket of an ``s3://`` URL does not exist at its endpoint."""
+
+
 class SourceChangedError(NasarZarrError, ValueError):
     """A tar the cube (or a saved plan) was made from has changed since."""
 

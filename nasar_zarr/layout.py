@@ -26,7 +26,7 @@ import xarray as xr
 from . import columns, coordinates, schema, source, store
 from . import metadata as meta
 from ._version import __version__
-from .errors import NotACubeError, SourceChangedError, StoreError, StoreExistsError
+from .errors import SourceChangedError, StoreError, StoreExistsError
 from .faults import fault_point
 from .plan import ConversionPlan, ConvertOptions, TarShard
 
@@ -144,16 +144,10 @@ def read_recorded(dest: str, storage_options: Mapping[str, Any] | None = None) -
 
 def require_cube(dest: str, storage_options: Mapping[str, Any] | None = None) -> dict:
     """The provenance of the cube at ``dest``; a clear error if there is no cube there."""
-    fs, root = store.filesystem(dest, storage_options)
-    if not fs.exists(root):
-        raise NotACubeError(f"{dest}: no such file or directory")
     attrs = _root_attrs(dest, storage_options)
     recorded = None if attrs is None else store.read_provenance(attrs)
     if not recorded:
-        raise NotACubeError(
-            f"{dest}: not a nasar-zarr cube (no Zarr v3 group with {store.PROVENANCE_ATTR!r}"
-            " provenance); make one with `nasar-zarr convert SRC DEST`"
-        )
+        raise store.not_a_cube(dest, storage_options)
     return recorded
 
 
