@@ -85,6 +85,10 @@ class NoSuchBucketError(StoreError, FileNotFoundError):
     """The bucket of an ``s3://`` URL does not exist at its endpoint."""
 
 
+class ReadTooLargeError(NasarZarrError, MemoryError):
+    """Loading would put more in memory than the stated limit; read lazily instead."""
+
+
 class SourceChangedError(NasarZarrError, ValueError):
     """A tar the cube (or a saved plan) was made from has changed since."""
 
