@@ -132,9 +132,12 @@ def zarr_store(
 ):
     """A zarr v3 store for ``url`` (LocalStore for paths, FsspecStore for URLs)."""
     if source.is_remote(url):
-        return zarr.storage.FsspecStore.from_url(
-            url, storage_options=_options(url, storage_options), read_only=read_only
-        )
+        options = _options(url, storage_options)
+        if _protocol(url) in ("s3", "s3a"):
+            # zarr reads whole objects with cat_file: s3fs would HEAD each first (its size,
+            # to split big ones into concurrent ranges); one GET per object instead.
+            options.setdefault("max_concurrency", 1)
+        return zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
     path = url.split("://", 1)[1] if url.startswith("file://") else url
     return zarr.storage.LocalStore(path, read_only=read_only)
 
