@@ -219,7 +219,7 @@ def explain_s3(url: str, options: Mapping[str, Any] | None = None) -> NasarZarrE
     if _protocol(url) not in ("s3", "s3a"):
         return None
     options = dict(options or {})
-    endpoint = options.get("endpoint_url") or "the AWS S3 endpoint"
+    endpoint = _endpoint(options)
     fs, root = filesystem(url, options)
     bucket = root.split("/", 1)[0]
     try:
@@ -270,11 +270,16 @@ def remote_errors(url: str, options: Mapping[str, Any] | None = None) -> Iterato
     except Exception as exc:
         if type(exc).__name__ not in ("EndpointConnectionError", "ConnectTimeoutError"):
             raise
-        endpoint = dict(options or {}).get("endpoint_url") or "the AWS S3 endpoint"
+        endpoint = _endpoint(dict(options or {}))
         raise EndpointError(
             f"{url}: cannot connect to {endpoint} ({exc}); check endpoint_url in the"
             " storage options (--storage-options)"
         ) from None
+
+
+def _endpoint(options: Mapping[str, Any]) -> str:
+    client = options.get("client_kwargs") or {}
+    return options.get("endpoint_url") or client.get("endpoint_url") or "the AWS S3 endpoint"
 
 
 def _missing(exc: BaseException) -> bool:

@@ -343,3 +343,29 @@ def test_kill_9_on_s3_resumes_at_the_first_rerun(s3_corpus, s3_server, corpus, r
     checked = cli("verify", src, dest, "--workers", "0", "--storage-options", options)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.strip().endswith("11 samples checked: OK")
+
+
+def test_append_on_s3_killed_after_resize_resumes(s3_corpus, s3_server, corpus, tmp_path):
+    import s3fs
+
+    src, options = s3_corpus
+    part = tmp_path / "part"
+    (part / "data").mkdir(parents=True)
+    shutil.copy(corpus.root / corpus.shard_paths[0], part / corpus.shard_paths[0])
+    pq.write_table(
+        pq.read_table(corpus.root / "metadata.parquet").slice(0, 5), part / "metadata.parquet"
+    )
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.put(str(part) + "/", "kill/part/", recursive=True)
+    dest = "s3://kill/append.zarr"
+    nz.plan_conversion("s3://kill/part", dest, shard=4, storage_options=s3_server).execute(
+        workers=0
+    )
+    args = ["append", src, dest, "--storage-options", options]
+    killed = _killed_group(*args, fault="after-resize")
+    assert killed.returncode == -9, killed.stderr
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "done: 11 written, 0 rejected, 0 pending" in rerun.stdout
+    report = verify(dest, src=src, workers=0, storage_options=s3_server)
+    assert report.ok, str(report)
