@@ -299,7 +299,11 @@ def build_skeleton(
         # Writing a lone coordinate leaves a root "coordinates" attribute: put back ours.
         store.open_group(staging, mode="r+", use_consolidated=False).attrs.put(ds.attrs)
         store.consolidate(staging)
-        return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+        objects = {}
+        for path in fs.find(root):  # moved out one by one: never two copies of it all
+            objects[path[len(root) + 1 :]] = fs.cat_file(path)
+            fs.rm_file(path)
+        return objects
     finally:
         fs.rm(root, recursive=True)
 

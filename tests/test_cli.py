@@ -190,7 +190,14 @@ def test_a_corpus_is_not_a_cube_from_the_api_and_the_cli(corpus):
         f"{root}: not a nasar-zarr cube but a corpus to convert (tar shards and"
         f" metadata.parquet); make a cube of it with `nasar-zarr convert {root} DEST`"
     )
-    for opener in (nz.open_cube, CubeReader, store.open_group):
+    openers = [nz.open_cube, CubeReader, store.open_group]
+    try:
+        from nasar_zarr.torch import InSARDataset, RTCDataset
+    except ImportError:  # torch not installed: the other openers still
+        pass
+    else:
+        openers += [RTCDataset, InSARDataset]
+    for opener in openers:
         with pytest.raises(NotACubeError) as caught:
             opener(str(root))
         assert str(caught.value) == expected
