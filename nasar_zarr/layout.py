@@ -305,7 +305,10 @@ def build_skeleton(
             fs.rm_file(path)
         return objects
     finally:
-        fs.rm(root, recursive=True)
+        try:
+            fs.rm(root, recursive=True)
+        except FileNotFoundError:
+            pass  # moved out whole
 
 
 def upload(dest: str, objects: Mapping[str, bytes], so: Mapping[str, Any] | None) -> None:
