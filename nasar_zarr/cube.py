@@ -149,11 +149,11 @@ def _open_dataset(
     """
     from xarray.backends.zarr import ZarrStore
 
-    group = store.open_group(url, storage_options)
+    group = store.open_group(url, storage_options)  # NotACubeError and the S3 errors
     drop = list(kwargs.pop("drop_variables", None) or ())
     labels = [d for d in schema.LABELS if d not in drop]
     decode_times = kwargs.pop("decode_times", True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), store.cube_errors(url, storage_options):
         warnings.simplefilter("ignore", UserWarning)
         ds = xr.open_dataset(
             store.zarr_store(url, storage_options, read_only=True),

@@ -32,6 +32,7 @@ class Request:
     range: str | None
     bytes_in: int  # request body
     bytes_out: int  # response body
+    query: str = ""  # the URL's query string (an S3 listing is ``list-type=2&prefix=...``)
 
 
 class _Threading(ThreadingHTTPServer):
@@ -153,14 +154,16 @@ class _ProxyHandler(_Handler):
         data = resp.read()
         head = self.command == "HEAD"
         length = int(resp.getheader("Content-Length") or 0) if head else None
+        path, _, query = self.path.partition("?")
         proxy.record(
             Request(
                 self.command,
-                urllib.parse.unquote(self.path.split("?")[0]),
+                urllib.parse.unquote(path),
                 resp.status,
                 self.headers.get("Range"),
                 len(body),
                 len(data),
+                urllib.parse.unquote(query),
             )
         )
         self._reply(resp.status, resp.getheaders(), data, head=head, length=length)
