@@ -74,6 +74,9 @@ GOALS: dict[str, tuple[str, float]] = {  # key: (comparison, target)
     "plan_bytes_over_corpus": ("<=", 0.01),
     "execute_bytes_over_corpus": ("<=", 1.05),
     "requests_per_shard_object_written": ("<=", 3),
+    # S3 write requests (issue 21): s3_requests_bench.py
+    "s3_requests_per_object_written": ("<=", 1.2),
+    "s3_fixed_requests": ("<=", 150),
     "plan_s_1m": ("<=", 20),
     "plan_rss_mb_1m": ("<=", 1000),
     "run_client_rss_mb_1m": ("<=", 1500),
@@ -86,6 +89,7 @@ SCRIPTS = [
     ("analysis_bench.py", [str(HERE / "work" / "analysis")], ("quick", "full"), 240),
     ("loader_bench.py", [], ("quick", "full"), 240),
     ("remote_bench.py", [], ("quick", "full"), 180),
+    ("s3_requests_bench.py", [], ("quick", "full"), 180),
     ("scale_bench.py", [], ("scale",), 900),
 ]
 

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import xarray as xr
 
-from . import corpus, layout, schema, source
+from . import corpus, layout, schema, source, store
 from .append import append_plan
 from .columns import recognise
 from .errors import NotACubeError
@@ -97,9 +97,23 @@ def plan_conversion(
         max_member_bytes=max_member_bytes,
         columns=tuple(sorted((columns or {}).items())),
     )
+    storage_options = store.storage_options(dest, store.storage_options(src, storage_options))
+    with store.remote_errors(src, storage_options):
+        return _plan(src, dest, options, storage_options, index_threads, client)
+
+
+def _plan(
+    src: str,
+    dest: str,
+    options: ConvertOptions,
+    storage_options: dict[str, Any],
+    index_threads: int,
+    client: Any,
+) -> ConversionPlan:
     # Only the sharding columns: the others are read when the skeleton is written.
-    table = corpus.read_metadata(src, storage_options, columns=())
-    recognise(corpus.metadata_columns(src, storage_options), **dict(options.columns))
+    parquet = corpus.open_metadata(src, storage_options)  # one read for the whole plan
+    table = corpus.read_metadata(src, storage_options, columns=(), parquet=parquet)
+    recognise(corpus.metadata_columns(src, parquet=parquet), **dict(options.columns))
     summary = corpus.read_summary(src, storage_options)
     keys = table.column(schema.KEY_COLUMN)
     shard_of_row = table.column(schema.SHARD_PATH_COLUMN)
@@ -109,8 +123,8 @@ def plan_conversion(
     indexed = corpus.index_tars(
         src,
         tar_paths,
-        on_error=on_error,
-        max_member_bytes=max_member_bytes,
+        on_error=options.on_error,
+        max_member_bytes=options.max_member_bytes,
         storage_options=storage_options,
         threads=index_threads,
         cache=dest,
@@ -126,7 +140,7 @@ def plan_conversion(
         summary=summary,
         storage_options=storage_options,
     )
-    del table, keys, shard_of_row, indexed
+    del table, keys, shard_of_row, indexed, parquet
     # Indexing and joining leave Arrow's allocator holding freed pages (~480 MB at
     # 1.1 M samples, measured); hand them back before the conversion runs.
     pa.default_memory_pool().release_unused()
@@ -174,17 +188,19 @@ def append(
     --------
     >>> ds = nasar_zarr.append("release-v2", "nasar.zarr")  # doctest: +SKIP
     """
-    so = dict(storage_options or {})
-    recorded = layout.require_cube(dest, so)
-    if layout.read_recorded(dest, so) is None:
-        raise NotACubeError(
-            f"{dest}: the cube's conversion never finished its skeleton; run"
-            " `nasar-zarr convert` again first"
-        )
+    so = store.storage_options(dest, store.storage_options(src, storage_options))
+    with store.remote_errors(dest, so):
+        recorded = layout.require_cube(dest, so)
+        if layout.read_recorded(dest, so) is None:
+            raise NotACubeError(
+                f"{dest}: the cube's conversion never finished its skeleton; run"
+                " `nasar-zarr convert` again first"
+            )
     plan = plan_conversion(
         src, dest, on_error=on_error, storage_options=so, client=client, **recorded["layout"]
     )
-    return append_plan(plan, recorded, client=client, workers=workers, progress=progress)
+    with store.remote_errors(dest, so):
+        return append_plan(plan, recorded, client=client, workers=workers, progress=progress)
 
 
 def verify(
@@ -221,8 +237,11 @@ def verify(
     >>> print(nasar_zarr.verify("nasar.zarr", src="corpus"))  # doctest: +SKIP
     nasar.zarr: 3 shards, 1,200 samples checked: OK
     """
-    so = dict(storage_options or {})
-    recorded = layout.require_cube(dest, so)
+    so = store.storage_options(dest, dict(storage_options or {}))
+    if src is not None:
+        so = store.storage_options(src, so)
+    with store.remote_errors(dest, so):
+        recorded = layout.require_cube(dest, so)
     plan = None
     if src is not None:
         plan = plan_conversion(

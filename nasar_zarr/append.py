@@ -57,7 +57,7 @@ def append_plan(
             )
             _extend_store(plan, metadata, n_old=start)
         done = layout.prepare_store(plan, metadata, overwrite=False)
-        run_plan_tasks(
+        records = run_plan_tasks(
             plan,
             done=done,
             lock_token=token,
@@ -66,7 +66,7 @@ def append_plan(
             progress=progress,
             desc="append",
         )
-        layout.finalize(plan)
+        layout.finalize(plan, records)
         store.remove(dest, store.APPEND_FILE, so)
     return open_cube(dest, storage_options=so)
 
@@ -133,3 +133,5 @@ def _extend_store(plan: ConversionPlan, metadata: corpus.MetadataColumns, *, n_o
     history = f"{attrs.get('history', '')}\n{ds.attrs['history']}"
     attrs["history"] = f"{history} (append {n_old:,} -> {n:,} samples)".strip()
     group.attrs.put(attrs)
+    # The tasks take the arrays' documents from the consolidated metadata: new shapes.
+    store.consolidate(dest, so)

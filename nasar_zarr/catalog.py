@@ -10,8 +10,11 @@ intake YAML catalog that intake 2.0.x opens with :func:`intake.open_catalog`:
   intake-xarray's ``ZarrSource`` whose ``to_dask`` is ``open_cube`` and whose
   call goes back to the catalog entry (in intake-xarray 2.0.0 calling a source
   returns it unchanged, so ``cat["nasar"](url=...)`` would silently ignore
-  ``url``). Without nasar_zarr installed the plain ``zarr`` driver still opens
-  the default store (numpy-backed, lazily).
+  ``url``). ``describe()`` gives the entry's description; ``read()`` loads the
+  cube into memory only when its data variables hold at most
+  :data:`READ_LIMIT_BYTES` (2 GiB; the full release is about 1 TB) and
+  otherwise refuses, pointing at ``to_dask()``. Without nasar_zarr installed the
+  plain ``zarr`` driver still opens the default store (numpy-backed, lazily).
 - ``url`` and ``metadata_url`` are jinja template variables of the entries, not
   declared intake parameters: intake 2.0.x warns ("Shell command not executed")
   twice for every string parameter each time an entry is opened.
@@ -39,10 +42,13 @@ from intake.source.base import DataSource, Schema
 from intake_xarray.xzarr import ZarrSource
 
 from . import schema
-from .errors import StoreError
+from .errors import ReadTooLargeError, StoreError
 
 DEFAULT_SHARD = 512  # ConvertOptions.shard: the project's default Zarr shard size
 URL_ENV = "NASAR_ZARR_URL"
+# ``cat["nasar"].read()`` loads the whole cube into memory (about 1 TB at full size):
+# above this many bytes of data variables it refuses and points at ``to_dask()``.
+READ_LIMIT_BYTES = 2 * 2**30
 
 
 class NasarZarrSource(ZarrSource):
@@ -89,6 +95,59 @@ class NasarZarrSource(ZarrSource):
         return open_cube(urlpath, storage_options=storage_options or None, **kwargs)
 
     read_chunked = to_dask
+
+    def read(self):
+        """The cube loaded into memory: only a small one.
+
+        Raises
+        ------
+        ReadTooLargeError
+            Its data variables hold more than :data:`READ_LIMIT_BYTES` (2 GiB); use
+            :meth:`to_dask` (lazy) and load a selection.
+        """
+        ds = self.to_dask()
+        size = sum(int(v.nbytes) for v in ds.data_vars.values())
+        if size > READ_LIMIT_BYTES:
+            raise ReadTooLargeError(
+                f"{self._nasar_args[0]}: read() would load {_size(size)} of data"
+                f" variables into memory (limit {_size(READ_LIMIT_BYTES)},"
+                " nasar_zarr.catalog.READ_LIMIT_BYTES); use .to_dask() for the lazy cube"
+                " and load a selection"
+            )
+        return ds.load()
+
+    def discover(self) -> dict[str, Any]:
+        """Dimensions, variables and sizes of the cube, without reading data."""
+        ds = self.to_dask()
+        return {
+            "dims": dict(ds.sizes),
+            "data_vars": {k: [str(d) for d in v.dims] for k, v in ds.data_vars.items()},
+            "coords": sorted(str(c) for c in ds.coords),
+            "nbytes": sum(int(v.nbytes) for v in ds.data_vars.values()),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The catalog entry's description (intake's ``describe()``), or the source's own."""
+        entry = getattr(self, "_entry", None)
+        if entry is not None:
+            return entry.describe()
+        urlpath, storage_options, kwargs = self._nasar_args
+        return {
+            "name": self.name,
+            "container": self.container,
+            "plugin": [self.name],
+            "description": "NA-SAR cube (nasar_zarr.open_cube)",
+            "args": {"urlpath": urlpath, "storage_options": storage_options, **kwargs},
+            "metadata": dict(getattr(self.reader, "metadata", None) or {}),
+        }
+
+
+def _size(n: int) -> str:
+    """``n`` bytes for people: ``1.5 GiB``, ``18.0 MiB``, ``512 B``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
 
 
 class NasarMetadataSource(DataSource):

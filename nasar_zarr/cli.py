@@ -2,8 +2,8 @@
 
 Exit codes: 0 success, 1 verification found mismatches, 2 any error (bad input,
 refused store, missing path or credentials, a bad option), printed as one line
-without a traceback (``--debug`` shows it), 130 interrupted (Ctrl-C; the store
-lock is released and a rerun resumes).
+without a traceback (``--debug`` prints it before that line, with the same exit
+code), 130 interrupted (Ctrl-C; the store lock is released and a rerun resumes).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import NoReturn
@@ -234,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     except Exception as exc:
-        if debug:
-            raise
+        if debug:  # the traceback too, with the same one line and exit code after it
+            traceback.print_exc(file=sys.stderr)
         print(f"nasar-zarr {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 

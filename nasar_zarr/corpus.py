@@ -28,23 +28,60 @@ from .plan import IndexedTar, TarShard
 NO_LISTING = ("http", "https")  # protocols whose directories cannot be listed
 
 
+def open_metadata(src: str, storage_options: Mapping[str, Any] | None = None) -> pq.ParquetFile:
+    """``metadata.parquet`` opened once: memory-mapped locally, fetched whole (one GET)
+    from a remote store, so that its schema and every column are then read from
+    the same bytes (one request per run step, not one per column).
+
+    Raises
+    ------
+    MetadataError
+        It does not exist or is not Parquet.
+    """
+    url = source.join(src, schema.METADATA_FILE)
+    try:
+        if source.is_remote(src):
+            from . import store
+
+            fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+            data: Any = pa.py_buffer(store.read_bytes(fs, path))
+        else:
+            data = pa.memory_map(url.split("://", 1)[1] if url.startswith("file://") else url)
+        return pq.ParquetFile(data)
+    except FileNotFoundError:
+        fs, root = fsspec.core.url_to_fs(src, **dict(storage_options or {}))
+        if not fs.exists(root):
+            raise MetadataError(f"{src}: no such file or directory") from None
+        raise MetadataError(
+            f"{url}: metadata.parquet not found; is {src!r} an NA-SAR "
+            "release root (data/, metadata.parquet)?"
+        ) from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise MetadataError(f"{url}: cannot read parquet: {exc}") from None
+
+
 def read_metadata(
     src: str,
     storage_options: Mapping[str, Any] | None = None,
     *,
     columns: Sequence[str] | None = None,
+    parquet: pq.ParquetFile | None = None,
 ) -> pa.Table:
     """The metadata table in release order (rows sorted by shard, then index in shard).
 
     ``columns`` reads only those (the sharding columns are always read); planning
     needs no more, which keeps a million rows' footprints and granule names out
     of memory until the skeleton is written (:class:`MetadataColumns` reads
-    them there one at a time).
+    them there one at a time). ``parquet``: the file from :func:`open_metadata`.
     """
     url = source.join(src, schema.METADATA_FILE)
     if columns is not None:
         columns = list(dict.fromkeys([*schema.SHARDING_COLUMNS, *columns]))
-    table = _read_parquet(src, storage_options, columns)
+    if parquet is None:
+        parquet = open_metadata(src, storage_options)
+    table = _read_parquet(url, parquet, columns)
     _check_sharding(url, table)
     order = _release_order(table)
     return table if order is None else table.take(order)
@@ -55,7 +92,8 @@ class MetadataColumns:
 
     Writing the skeleton needs every column, but only one at a time: the
     release's whole table (~400 MB in Arrow) is never in memory at once. Has the
-    ``schema`` and ``column(name)`` of a ``pyarrow.Table``.
+    ``schema`` and ``column(name)`` of a ``pyarrow.Table``. The file is opened
+    once (:func:`open_metadata`).
 
     Examples
     --------
@@ -63,20 +101,26 @@ class MetadataColumns:
     >>> metadata.column("center_lat")  # doctest: +SKIP
     """
 
-    def __init__(self, src: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        src: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        parquet: pq.ParquetFile | None = None,
+    ) -> None:
         self.src = src
         self.storage_options = dict(storage_options or {})
-        url = source.join(src, schema.METADATA_FILE)
-        sharding = _read_parquet(src, storage_options, list(schema.SHARDING_COLUMNS))
-        _check_sharding(url, sharding)
+        self.url = source.join(src, schema.METADATA_FILE)
+        self._parquet = open_metadata(src, storage_options) if parquet is None else parquet
+        sharding = _read_parquet(self.url, self._parquet, list(schema.SHARDING_COLUMNS))
+        _check_sharding(self.url, sharding)
         self._order = _release_order(sharding)
         self.num_rows = sharding.num_rows
-        with fsspec.open(url, "rb", **self.storage_options) as f:
-            self.schema = pq.read_schema(f)
+        self.schema = self._parquet.schema_arrow
 
     def column(self, name: str) -> pa.Array:
         """One column, in release order."""
-        values = _read_parquet(self.src, self.storage_options, [name]).column(0).combine_chunks()
+        values = _read_parquet(self.url, self._parquet, [name]).column(0).combine_chunks()
         return values if self._order is None else values.take(self._order)
 
 
@@ -89,28 +133,13 @@ def _check_sharding(url: str, table: pa.Table) -> None:
             raise MetadataError(f"{url}: column {col!r} has missing values")
 
 
-def _read_parquet(
-    src: str, storage_options: Mapping[str, Any] | None, columns: Sequence[str] | None
-) -> pa.Table:
-    url = source.join(src, schema.METADATA_FILE)
+def _read_parquet(url: str, parquet: pq.ParquetFile, columns: Sequence[str] | None) -> pa.Table:
+    missing = [c for c in columns or () if c not in parquet.schema_arrow.names]
+    if missing:
+        raise MetadataError(f"{url}: missing columns {missing}")
     try:
-        with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-            parquet = pq.ParquetFile(f)
-            missing = [c for c in columns or () if c not in parquet.schema_arrow.names]
-            if missing:
-                raise MetadataError(f"{url}: missing columns {missing}")
-            return parquet.read(columns=columns)
-    except FileNotFoundError:
-        fs, root = fsspec.core.url_to_fs(src, **dict(storage_options or {}))
-        if not fs.exists(root):
-            raise MetadataError(f"{src}: no such file or directory") from None
-        raise MetadataError(
-            f"{url}: metadata.parquet not found; is {src!r} an NA-SAR "
-            "release root (data/, metadata.parquet)?"
-        ) from None
+        return parquet.read(columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
-        if isinstance(exc, PermissionError):
-            raise
         raise MetadataError(f"{url}: cannot read parquet: {exc}") from None
 
 
@@ -132,11 +161,16 @@ def _release_order(table: pa.Table) -> pa.Array | None:
     )
 
 
-def metadata_columns(src: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def metadata_columns(
+    src: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    parquet: pq.ParquetFile | None = None,
+) -> list[str]:
     """The column names of ``metadata.parquet`` (its footer only)."""
-    url = source.join(src, schema.METADATA_FILE)
-    with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-        return list(pq.read_schema(f).names)
+    if parquet is None:
+        parquet = open_metadata(src, storage_options)
+    return list(parquet.schema_arrow.names)
 
 
 def read_summary(src: str, storage_options: Mapping[str, Any] | None = None) -> dict:
@@ -316,8 +350,8 @@ def saved_indexes(dest: str, storage_options: Mapping[str, Any] | None = None) -
     fs, root = store.filesystem(dest, storage_options)
     prefix = f"{root}/{store.INDEX_DIR}/"
     try:
-        found = fs.find(prefix)
-    except (FileNotFoundError, OSError):
+        found = store.fresh_find(fs, prefix)
+    except OSError:
         return set()
     return {p[len(prefix) : -len(".arrow")] for p in found if p.endswith(".arrow")}
 
@@ -364,7 +398,7 @@ def load_index(
 
     fs, root = store.filesystem(dest, storage_options)
     try:
-        data = fs.cat_file(f"{root}/{store.index_path(path)}")
+        data = store.read_bytes(fs, f"{root}/{store.index_path(path)}")
         table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
         meta = json.loads((table.schema.metadata or {})[b"nasar_zarr"])
     except (FileNotFoundError, KeyError, ValueError, pa.ArrowInvalid):
@@ -387,10 +421,13 @@ def save_indexes(
     *,
     skip: set[str] = frozenset(),  # type: ignore[assignment]
     storage_options: Mapping[str, Any] | None = None,
+    have: set[str] | None = None,
 ) -> int:
     """Save the indexes the cube does not hold yet (tars in ``skip`` are left out);
-    returns how many were written."""
-    have = saved_indexes(dest, storage_options)
+    returns how many were written. ``have``: the tars whose index the cube holds,
+    when the caller knows (else one listing)."""
+    if have is None:
+        have = saved_indexes(dest, storage_options)
     todo = [
         (t, i)
         for t, i in zip(tars, indexes, strict=True)

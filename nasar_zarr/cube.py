@@ -101,25 +101,11 @@ def open_cube(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    zstore = store.zarr_store(url, storage_options, read_only=True)
-    # The label coordinates are fixed by the contract (docs/CUBE.md): taken from schema
-    # rather than read, they cost no request (six GETs on a remote store).
-    labels = [d for d in schema.LABELS if d not in kwargs.get("drop_variables", ())]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        ds = xr.open_zarr(
-            zstore,
-            chunks=None,
-            zarr_format=3,
-            **{**kwargs, "drop_variables": [*kwargs.get("drop_variables", ()), *labels]},
-        )
-    ds = _drop_layout_encodings(ds).assign_coords(
-        {d: (d, schema.LABELS[d], schema.LABEL_ATTRS[d]) for d in labels if d in ds.dims}
-    )
+    ds, group = _open_dataset(url, storage_options, kwargs)
     n = ds.sizes.get(schema.SAMPLE_DIM, 0)
     size = None if chunks is None else _sample_chunk(ds, n, chunks)
     fast = (
-        _fast_arrays(url, [str(v) for v in ds.data_vars], engine, storage_options)
+        _fast_arrays(url, [str(v) for v in ds.data_vars], engine, storage_options, group)
         if engine != "zarr"
         else {}
     )
@@ -147,6 +133,55 @@ def open_cube(
             )
         out[name] = variable
     return ds.assign(out)
+
+
+def _open_dataset(
+    url: str, storage_options: Mapping[str, Any] | None, kwargs: dict[str, Any]
+) -> tuple[xr.Dataset, Any]:
+    """The cube as a lazy Dataset without dask, and its root zarr group, in few requests.
+
+    One read of the consolidated metadata serves both xarray and the fast reader; the
+    label coordinates are fixed by the contract (docs/CUBE.md) and taken from schema
+    rather than read; each time coordinate is read once and decoded (xarray's lazy
+    decoding reads its first and last values, two reads of the one-chunk array). On a
+    remote store opening costs one GET of ``zarr.json``, one of ``sample`` and one per
+    time coordinate.
+    """
+    from xarray.backends.zarr import ZarrStore
+
+    group = store.open_group(url, storage_options)  # NotACubeError and the S3 errors
+    drop = list(kwargs.pop("drop_variables", None) or ())
+    labels = [d for d in schema.LABELS if d not in drop]
+    decode_times = kwargs.pop("decode_times", True)
+    with warnings.catch_warnings(), store.cube_errors(url, storage_options):
+        warnings.simplefilter("ignore", UserWarning)
+        ds = xr.open_dataset(
+            store.zarr_store(url, storage_options, read_only=True),
+            engine="zarr",
+            store=ZarrStore(group, mode="r"),
+            chunks=None,
+            drop_variables=[*drop, *labels],
+            decode_times=False,
+            **kwargs,
+        )
+    ds = _drop_layout_encodings(ds).assign_coords(
+        {d: (d, schema.LABELS[d], schema.LABEL_ATTRS[d]) for d in labels if d in ds.dims}
+    )
+    if decode_times:
+        times = [
+            name
+            for name, var in ds.variables.items()
+            if var.ndim == 1 and " since " in str(var.attrs.get("units", ""))
+        ]
+        if times:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                only = xr.Dataset({t: ds.variables[t].load() for t in times})
+                decoded = xr.decode_cf(only, decode_times=decode_times)
+            ds = ds.assign_coords({t: decoded[t] for t in times if t in ds.coords}).assign(
+                {t: decoded[t] for t in times if t in ds.data_vars}
+            )
+    return ds, group
 
 
 def _fast_dask(array: Any, size: int, name: str) -> Any:

@@ -77,6 +77,22 @@ class CubeDamagedError(NasarZarrError, ValueError):
     """A stored object of the cube fails its CRC-32C or does not match its array's layout."""
 
 
+class StorageOptionsError(NasarZarrError, TypeError):
+    """A storage option the filesystem of a URL does not take."""
+
+
+class EndpointError(StoreError, ConnectionError):
+    """The endpoint of a URL cannot be reached, or does not answer as that kind of store."""
+
+
+class NoSuchBucketError(StoreError, FileNotFoundError):
+    """The bucket of an ``s3://`` URL does not exist at its endpoint."""
+
+
+class ReadTooLargeError(NasarZarrError, MemoryError):
+    """Loading would put more in memory than the stated limit; read lazily instead."""
+
+
 class SourceChangedError(NasarZarrError, ValueError):
     """A tar the cube (or a saved plan) was made from has changed since."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import xarray as xr
 
-from . import corpus, layout, schema
+from . import corpus, layout, schema, store
 from .cube import open_cube
 from .errors import MetadataError
 from .lock import store_lock
@@ -65,23 +65,24 @@ def execute(
     >>> ds = nasar_zarr.execute(plan, workers=2)  # doctest: +SKIP
     """
     so = plan.storage_options
-    metadata = corpus.MetadataColumns(plan.source, so)
-    if not plan.has_keys(metadata.column(schema.KEY_COLUMN)):
-        raise MetadataError(
-            f"{plan.source}: metadata.parquet changed since the plan was made; plan again"
+    with store.remote_errors(plan.dest, so):
+        metadata = corpus.MetadataColumns(plan.source, so)
+        if not plan.has_keys(metadata.column(schema.KEY_COLUMN)):
+            raise MetadataError(
+                f"{plan.source}: metadata.parquet changed since the plan was made; plan again"
+            )
+        # A saved plan may be older than the tars it points into.
+        layout.check_source_unchanged(
+            plan.tar_shards,
+            corpus.current_tars(plan.source, plan.tar_shards, so),
+            src=plan.source,
+            since="the plan was made",
+            hint="plan again: the plan's byte ranges may no longer hold",
         )
-    # A saved plan may be older than the tars it points into.
-    layout.check_source_unchanged(
-        plan.tar_shards,
-        corpus.current_tars(plan.source, plan.tar_shards, so),
-        src=plan.source,
-        since="the plan was made",
-        hint="plan again: the plan's byte ranges may no longer hold",
-    )
-    with store_lock(plan.dest, so) as token:
-        done = layout.prepare_store(plan, metadata, overwrite=overwrite)
-        run_plan_tasks(
-            plan, done=done, lock_token=token, client=client, workers=workers, progress=progress
-        )
-        layout.finalize(plan)
+        with store_lock(plan.dest, so) as token:
+            done = layout.prepare_store(plan, metadata, overwrite=overwrite)
+            records = run_plan_tasks(
+                plan, done=done, lock_token=token, client=client, workers=workers, progress=progress
+            )
+            layout.finalize(plan, records)
     return open_cube(plan.dest, storage_options=so)

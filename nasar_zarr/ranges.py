@@ -82,9 +82,11 @@ class Location:
     def _fs(self) -> Any:
         import fsspec
 
+        from .store import storage_options  # the defaults every client of ours gets
+
         url = _http_url(self.url)
         protocol = url.split("://", 1)[0]
-        return fsspec.filesystem(protocol, **dict(self.storage_options))
+        return fsspec.filesystem(protocol, **storage_options(url, dict(self.storage_options)))
 
     # -- the seam ---------------------------------------------------------------------
     def tails(self, keys: Sequence[str], nbytes: int) -> list[Tail | None]:

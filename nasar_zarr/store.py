@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import tempfile
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import fsspec
 import numpy as np
 import zarr
 
-from . import source
+from . import schema, source
+from .errors import (
+    EndpointError,
+    NasarZarrError,
+    NoSuchBucketError,
+    NotACubeError,
+    StorageOptionsError,
+)
 
 INTERNAL_PREFIX = "_nasar"  # converter bookkeeping objects, ignored by Zarr readers
 PROVENANCE_ATTR = "nasar_zarr"  # root attribute: the converter's provenance, a JSON string
@@ -52,10 +61,70 @@ def read_provenance(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(value)
 
 
+# botocore's settings for every s3:// URL unless the storage options say otherwise: a
+# dead or wrong endpoint fails in about a second, not after botocore's 60 s connect
+# timeout and its retries (measured: 10-14 s against a closed loopback port).
+S3_CONFIG = {"connect_timeout": 3, "retries": {"max_attempts": 2, "mode": "standard"}}
+# Options s3fs takes besides its own parameters (fsspec's, and botocore session's).
+_S3_EXTRA_OPTIONS = {
+    "skip_instance_cache",
+    "use_listings_cache",
+    "listings_expiry_time",
+    "max_paths",
+    "batch_size",
+    "profile",
+    "session_vars",
+    "event_hooks",
+    "include_builtin_handlers",
+}
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def storage_options(url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``options`` checked for ``url``'s filesystem, with the defaults nasar-zarr adds.
+
+    For ``s3://`` URLs: an option s3fs does not take is refused here, in one line
+    naming it (s3fs would fail later with a ``TypeError`` from deep in aiobotocore),
+    and :data:`S3_CONFIG` (a bounded connect timeout and retries) fills in what the
+    options' ``config_kwargs`` do not set. Other URLs get ``options`` unchanged.
+
+    Raises
+    ------
+    StorageOptionsError
+        An unknown option for ``s3://``.
+    """
+    options = dict(options or {})
+    if _protocol(url) not in ("s3", "s3a"):
+        return options
+    import inspect
+
+    try:
+        import s3fs
+    except ImportError:
+        return options  # the caller's fsspec call says what to install
+    known = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(options) - known - _S3_EXTRA_OPTIONS)
+    if unknown:
+        raise StorageOptionsError(
+            f"{url}: unknown storage option {', '.join(map(repr, unknown))} for s3:// URLs"
+            f" (s3fs takes {', '.join(sorted(known | {'profile'}))})"
+        )
+    # A deep copy each time: botocore rewrites the retries dict it is given.
+    config = {**copy.deepcopy(S3_CONFIG), **copy.deepcopy(options.get("config_kwargs") or {})}
+    return {**options, "config_kwargs": config}
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
     """``(fs, root_path)`` for a local path or fsspec URL."""
-    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(url, **_options(url, storage_options))
     return fs, root.rstrip("/")
+
+
+def _options(url: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    return storage_options(url, options)
 
 
 def zarr_store(
@@ -63,9 +132,12 @@ def zarr_store(
 ):
     """A zarr v3 store for ``url`` (LocalStore for paths, FsspecStore for URLs)."""
     if source.is_remote(url):
-        return zarr.storage.FsspecStore.from_url(
-            url, storage_options=dict(storage_options or {}), read_only=read_only
-        )
+        options = _options(url, storage_options)
+        if _protocol(url) in ("s3", "s3a"):
+            # zarr reads whole objects with cat_file: s3fs would HEAD each first (its size,
+            # to split big ones into concurrent ranges); one GET per object instead.
+            options.setdefault("max_concurrency", 1)
+        return zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
     path = url.split("://", 1)[1] if url.startswith("file://") else url
     return zarr.storage.LocalStore(path, read_only=read_only)
 
@@ -78,12 +150,141 @@ def open_group(
     use_consolidated: bool | None = None,
     wrap=None,
 ) -> zarr.Group:
+    """The root group of the store at ``url``.
+
+    Raises
+    ------
+    NotACubeError
+        (modes ``r``, ``r+``) Nothing there, or no Zarr v3 group; the message
+        says so, naming the path, and says when the path is a corpus to convert.
+    """
     store = zarr_store(url, storage_options, read_only=mode == "r")
     if wrap is not None:
         store = wrap(store)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), cube_errors(url, storage_options, strict=mode in ("r", "r+")):
         warnings.simplefilter("ignore", UserWarning)
         return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=use_consolidated)
+
+
+@contextlib.contextmanager
+def cube_errors(
+    url: str, storage_options: Mapping[str, Any] | None = None, *, strict: bool = True
+) -> Iterator[None]:
+    """Turn zarr's "no group here" (and a missing path) into :class:`NotACubeError`.
+
+    Wraps the opening of a cube (:func:`open_group`, ``open_cube``), so that every
+    reader (the datasets, ``CubeReader``, the catalog) says what is wrong with
+    the path. ``strict=False`` lets the errors through unchanged.
+    """
+    try:
+        yield
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError) as exc:
+        if not strict or isinstance(exc, NotACubeError):
+            raise
+        raise not_a_cube(url, storage_options) from None
+
+
+def not_a_cube(url: str, storage_options: Mapping[str, Any] | None = None) -> NotACubeError:
+    """The error for ``url`` holding no cube: missing, a corpus to convert, or something else."""
+    remote = explain_s3(url, storage_options)
+    if remote is not None:
+        return remote  # type: ignore[return-value]
+    try:
+        fs, root = filesystem(url, storage_options)
+        exists = fs.exists(root)
+        corpus = exists and fs.exists(f"{root}/{schema.METADATA_FILE}")
+        corpus = corpus and bool(fs.glob(f"{root}/{schema.SHARD_GLOB}"))
+    except OSError:
+        exists = corpus = False
+    if not exists:
+        return NotACubeError(f"{url}: no such file or directory")
+    if corpus:
+        return NotACubeError(
+            f"{url}: not a nasar-zarr cube but a corpus to convert (tar shards and"
+            f" {schema.METADATA_FILE}); make a cube of it with `nasar-zarr convert {url} DEST`"
+        )
+    return NotACubeError(
+        f"{url}: not a nasar-zarr cube (no Zarr v3 group with {PROVENANCE_ATTR!r}"
+        " provenance); make one with `nasar-zarr convert SRC DEST`"
+    )
+
+
+def explain_s3(url: str, options: Mapping[str, Any] | None = None) -> NasarZarrError | None:
+    """Why an ``s3://`` URL cannot be used, in one line, or None when its endpoint answers
+    as S3 and its bucket exists (then the object itself is what is missing).
+
+    Asked only after something failed: it lists the endpoint's buckets and asks
+    for the URL's bucket (two requests).
+    """
+    if _protocol(url) not in ("s3", "s3a"):
+        return None
+    options = dict(options or {})
+    endpoint = _endpoint(options)
+    fs, root = filesystem(url, options)
+    bucket = root.split("/", 1)[0]
+    try:
+        fs.invalidate_cache()
+        fs.ls("", detail=False)  # ListBuckets: any S3 answers (or refuses)
+    except PermissionError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it is not S3 talking
+        name = type(exc).__name__
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+            return EndpointError(
+                f"{url}: cannot connect to {endpoint} ({exc}); check endpoint_url in the"
+                " storage options (--storage-options)"
+            )
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return None
+        return EndpointError(
+            f"{url}: {endpoint} does not answer as an S3 endpoint (listing buckets: {name}:"
+            f" {exc}); check endpoint_url in the storage options (--storage-options)"
+        )
+    try:
+        found = fs.exists(bucket)
+    except PermissionError:
+        return None
+    if not found:
+        return NoSuchBucketError(
+            f"{url}: no bucket {bucket!r} at {endpoint}; create it first (or fix the URL)"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def remote_errors(url: str, options: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Say in one line why ``url`` failed when it is an ``s3://`` URL whose endpoint is
+    unreachable or not S3, or whose bucket is missing (see :func:`explain_s3`);
+    other errors pass unchanged."""
+    try:
+        yield
+    except StorageOptionsError:
+        raise
+    except (OSError, NasarZarrError) as exc:
+        if isinstance(exc, (EndpointError, NoSuchBucketError)) or not _missing(exc):
+            raise
+        better = explain_s3(url, options)
+        if better is None:
+            raise
+        raise better from None
+    except Exception as exc:
+        if type(exc).__name__ not in ("EndpointConnectionError", "ConnectTimeoutError"):
+            raise
+        endpoint = _endpoint(dict(options or {}))
+        raise EndpointError(
+            f"{url}: cannot connect to {endpoint} ({exc}); check endpoint_url in the"
+            " storage options (--storage-options)"
+        ) from None
+
+
+def _endpoint(options: Mapping[str, Any]) -> str:
+    client = options.get("client_kwargs") or {}
+    return options.get("endpoint_url") or client.get("endpoint_url") or "the AWS S3 endpoint"
+
+
+def _missing(exc: BaseException) -> bool:
+    """A "not found" of any kind (where a wrong endpoint or bucket shows up)."""
+    return isinstance(exc, FileNotFoundError) or "no such file or directory" in str(exc)
 
 
 def array(group: zarr.Group, name: str) -> zarr.Array:
@@ -105,10 +306,29 @@ def consolidate(url: str, storage_options: Mapping[str, Any] | None = None) -> N
         zarr.consolidate_metadata(zarr_store(url, storage_options), zarr_format=3)
 
 
+def read_bytes(fs, path: str) -> bytes:
+    """The whole object at ``path``, in one GET.
+
+    s3fs's ``cat_file`` first asks for the size (a HEAD, or its listings cache,
+    which can be stale and then raises FileNotFoundError for an object that
+    exists); one request per object read is what this asks for instead.
+    """
+    if "s3" in _protocols(fs):
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
 def read_json(url: str, relative: str, storage_options=None, default=None):
+    """The JSON object at ``relative`` in the store, read by name; ``default`` if it
+    does not exist (callers for which it must exist raise their own error)."""
     fs, root = filesystem(url, storage_options)
     try:
-        return json.loads(fs.cat_file(f"{root}/{relative}"))
+        return json.loads(read_bytes(fs, f"{root}/{relative}"))
     except FileNotFoundError:
         return default
 
@@ -168,24 +388,94 @@ def remove(url: str, relative: str, storage_options=None) -> None:
         pass
 
 
+def fresh_find(fs, path: str) -> list[str]:
+    """``fs.find(path)`` from the server, not from fsspec's listings cache.
+
+    s3fs caches listings per process: after another process (a dask worker, a
+    previous run) wrote under ``path``, a cached listing misses its objects, or
+    lists objects that reading by name then does not find. Every listing of the
+    writing side goes through here. A missing ``path`` lists nothing.
+    """
+    fs.invalidate_cache(path)
+    try:
+        return list(fs.find(path))
+    except FileNotFoundError:
+        return []
+
+
 def list_json(url: str, relative_dir: str, storage_options=None) -> list[str]:
     """Relative paths of the JSON objects under ``relative_dir`` (empty if none)."""
     fs, root = filesystem(url, storage_options)
-    try:
-        found = fs.find(f"{root}/{relative_dir}")
-    except FileNotFoundError:
-        return []
+    found = fresh_find(fs, f"{root}/{relative_dir}")
     return sorted(p[len(root) + 1 :] for p in found if p.endswith(".json"))
 
 
 def task_records(url: str, storage_options: Mapping[str, Any] | None = None) -> list[dict]:
-    """Every finished task's record, in task order."""
-    return [read_json(url, p, storage_options) for p in list_json(url, TASKS_DIR, storage_options)]
+    """Every finished task's record, in task order (listed, then each read by name)."""
+    records = []
+    for path in list_json(url, TASKS_DIR, storage_options):
+        record = read_json(url, path, storage_options)
+        if record is not None:  # deleted since the listing (append redoes a partial shard)
+            records.append(record)
+    return records
 
 
 def finished_tasks(url: str, storage_options: Mapping[str, Any] | None = None) -> set[int]:
     """Indexes of the tasks whose record exists (their Zarr shards are complete)."""
     return {int(p.rsplit("/", 1)[1][:-5]) for p in list_json(url, TASKS_DIR, storage_options)}
+
+
+def array_documents(
+    url: str, names: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, dict]:
+    """The ``zarr.json`` document of each array in ``names``, read by name.
+
+    One GET of the root ``zarr.json`` when it holds consolidated metadata (every
+    cube's skeleton does); otherwise one GET per array (cubes whose skeleton was
+    written before 0.4).
+
+    Raises
+    ------
+    NotACubeError
+        An array is missing.
+    """
+    root = read_json(url, "zarr.json", storage_options) or {}
+    found = dict((root.get("consolidated_metadata") or {}).get("metadata") or {})
+    out = {}
+    for name in names:
+        doc = found.get(name) or read_json(url, f"{name}/zarr.json", storage_options)
+        if doc is None:
+            raise NotACubeError(f"{url}: the cube has no array {name!r} ({name}/zarr.json)")
+        out[name] = doc
+    return out
+
+
+def chunk_key(name: str, document: Mapping[str, Any], chunk: int) -> str:
+    """Store key of chunk (or shard) ``chunk`` along ``sample`` of array ``name``."""
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    meta = ArrayV3Metadata.from_dict(dict(document))
+    return f"{name}/{meta.encode_chunk_key((chunk,) + (0,) * (len(meta.shape) - 1))}"
+
+
+def encode_chunk(document: Mapping[str, Any], values: np.ndarray, start: int) -> dict[str, bytes]:
+    """The stored bytes of the chunk(s) that ``values`` fill from row ``start``, keyed
+    by chunk key within the array (``c/0``; no key for a chunk of fill values only,
+    which Zarr does not store).
+
+    Encoded by zarr-python itself from the array's ``zarr.json``, in memory: what
+    ``array[start:start+len(values)] = values`` would write, without a request.
+    """
+    proto = zarr.core.buffer.default_buffer_prototype()
+    doc = {**document, "attributes": {}}
+    mem = zarr.storage.MemoryStore({"zarr.json": proto.buffer.from_bytes(json.dumps(doc).encode())})
+    array = zarr.open_array(mem, mode="r+", zarr_format=3)
+    array[start : start + len(values)] = values
+    return {
+        key: value.to_bytes()
+        for key, value in mem._store_dict.items()  # noqa: SLF001 - the bytes Zarr wrote
+        if key != "zarr.json"
+    }
 
 
 class ChecksumStore(zarr.storage.WrapperStore):

@@ -16,6 +16,7 @@ never touched again.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -37,6 +38,7 @@ def run_task(
     rejected_rows: Iterable[int] = (),
     lock_token: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    documents: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Read a task's samples, write its Zarr shard of every variable once, record it.
 
@@ -44,7 +46,8 @@ def run_task(
     :mod:`nasar_zarr.sharding`): the task holds compressed bytes, not raw buffers.
     ``lock_token`` is the token of the run that submitted the task: a task that
     finds another token in the store's lock (its run was interrupted and another
-    took over) writes nothing.
+    took over) writes nothing. ``documents`` holds the ``zarr.json`` document of each
+    array the task writes (read from the store when not given).
     """
     n, k = task.n_samples, options.inner_chunk
     status = np.zeros(n, dtype="uint8")
@@ -94,30 +97,20 @@ def run_task(
 
     if lock_token is not None:
         _check_lock(dest, lock_token, storage_options)
+    # Written by name from the arrays' zarr.json documents: no group is opened, no
+    # metadata read, no object asked for before it is written (one PUT each).
+    if documents is None:
+        documents = store.array_documents(dest, WRITTEN_ARRAYS, storage_options)
     checksums: dict[str, int | None] = {}
-    group = store.open_group(
-        dest,
-        storage_options,
-        mode="r+",
-        use_consolidated=False,
-        wrap=lambda s: store.ChecksumStore(s, checksums),
-    )
     for name in schema.VARIABLES:
-        key = chunk_object(store.array(group, name), task.index)
+        key = store.chunk_key(name, documents[name], task.index)
         checksums[key] = write_shard(dest, key, pieces.pop(name), options, storage_options)
         fault_point(f"after-{name}")
-    region = slice(task.start, task.stop)
-    store.array(group, schema.RTC_PRESENT)[region] = present
-    store.array(group, schema.STATUS)[region] = status
+    for name, values in ((schema.RTC_PRESENT, present), (schema.STATUS, status)):
+        key = store.chunk_key(name, documents[name], task.index)
+        data = store.encode_chunk(documents[name], values, task.start).get(key[len(name) + 1 :])
+        checksums[key] = write_object(dest, key, data, storage_options)
     fault_point("after-status")
-    # An object Zarr did not write holds only fill values (no object): None.
-    checksums = {
-        key: checksums.get(key)
-        for key in (
-            chunk_object(group[name], task.index)
-            for name in [*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS]
-        )
-    }
     record = {
         "index": task.index,
         "start": task.start,
@@ -131,6 +124,13 @@ def run_task(
     store.write_json(dest, store.task_record_path(task.index), record, storage_options)
     fault_point("after-record")
     return record
+
+
+WRITTEN_ARRAYS = (*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS)
+# A record's rejection and non-finite lists travel back to the client when they are
+# this short (the report is then written without reading the record back); longer
+# ones stay in the store only, so a million rejections never fill the client.
+RETURNED_LIST_LENGTH = 16
 
 
 def run_tasks(
@@ -149,20 +149,20 @@ def run_tasks(
     desc: str = "convert",
 ) -> list[dict[str, Any]]:
     """Run :func:`run_task` for each task on the runner; returns the records (counts and
-    checksums; their rejections are in the store)."""
+    checksums; their rejection lists too when short, else only in the store)."""
     kwargs = {
         "src": src,
         "dest": dest,
         "options": options,
         "lock_token": lock_token,
         "storage_options": dict(storage_options or {}),
+        "documents": store.array_documents(dest, WRITTEN_ARRAYS, storage_options),
     }
     # Tasks are built here one by one from the plan's columns; each carries only its spans.
     calls = [((t,), {**kwargs, "rejected_rows": rejected_rows.get(t.index, [])}) for t in tasks]
     total = len(calls) if total is None else total
-    # The records' rejection lists stay in the store (a million of them would fill the client).
     return [
-        {k: v for k, v in record.items() if k not in ("rejections", "nonfinite")}
+        _light(record)
         for record in run_calls(
             run_task,
             calls,
@@ -174,6 +174,14 @@ def run_tasks(
             desc=desc,
         )
     ]
+
+
+def _light(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without its long lists (those stay in the store, read by name)."""
+    lists = ("rejections", "nonfinite")
+    if all(len(record[k]) <= RETURNED_LIST_LENGTH for k in lists):
+        return record
+    return {k: v for k, v in record.items() if k not in lists}
 
 
 def run_plan_tasks(
@@ -266,6 +274,25 @@ def write_shard(
                 f.write(piece)
                 crc = source.crc32(piece, crc)
     return crc
+
+
+def write_object(
+    dest: str, key: str, data: bytes | None, storage_options: Mapping[str, Any] | None
+) -> int | None:
+    """Write one chunk object (one PUT); returns its CRC-32. ``None`` (a chunk of fill
+    values only, which Zarr does not store) removes a leftover instead and returns None."""
+    fs, root = store.filesystem(dest, storage_options)
+    path = f"{root}/{key}"
+    if data is None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        return None
+    if not source.is_remote(dest):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, data)
+    return zlib.crc32(data)
 
 
 def chunk_object(array: Any, shard_index: int) -> str:

@@ -142,7 +142,7 @@ def _check_shard(
     found = []
     for key, crc in record["crc32"].items():
         try:
-            data = fs.cat_file(f"{root}/{key}")
+            data = store.read_bytes(fs, f"{root}/{key}")
         except FileNotFoundError:
             if crc is not None:
                 found.append((key, "stored object is missing"))

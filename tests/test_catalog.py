@@ -12,6 +12,7 @@ import dask.array as da
 import intake
 import numpy as np
 import pandas as pd
+import pytest
 import xarray as xr
 import yaml
 
@@ -127,3 +128,26 @@ def test_opening_the_catalog_prints_no_warning(small_cube, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == "ok\n"
     assert res.stderr == ""
+
+
+def test_describe_and_a_bounded_read(small_cube, cube, monkeypatch):
+    from nasar_zarr import catalog
+    from nasar_zarr.errors import ReadTooLargeError
+
+    source = intake.open_catalog(str(CATALOG))["nasar"](url=str(small_cube))
+    described = source.describe()
+    assert described["name"] == "nasar" and described["container"] == "xarray"
+    assert described["plugin"] == ["nasar_zarr", "zarr"]
+    assert source.discover()["dims"]["sample"] == 32
+    loaded = source.read()  # 32 samples: 18.0 MiB, under the limit
+    assert not isinstance(loaded["rtc"].data, da.Array)
+    _same_cube(loaded, cube)
+    monkeypatch.setattr(catalog, "READ_LIMIT_BYTES", 2**20)
+    with pytest.raises(ReadTooLargeError) as caught:
+        source.read()
+    assert str(caught.value) == (
+        f"{small_cube}: read() would load 36.0 MiB of data variables into memory (limit"
+        " 1.0 MiB, nasar_zarr.catalog.READ_LIMIT_BYTES); use .to_dask() for the lazy cube"
+        " and load a selection"
+    )
+    assert isinstance(caught.value, MemoryError)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,11 +97,13 @@ def test_bad_options_are_refused_before_any_io(tmp_path):
     )
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback_with_the_same_exit_code(tmp_path):
     result = cli("info", str(tmp_path / "nope"), "--debug")
-    assert result.returncode == 1  # Python's own exit status for an uncaught exception
+    assert result.returncode == 2  # as without --debug
     assert "Traceback (most recent call last)" in result.stderr
-    assert result.stderr.rstrip().endswith(f"{tmp_path / 'nope'}: no such file or directory")
+    assert result.stderr.rstrip().endswith(
+        f"nasar-zarr info: error: {tmp_path / 'nope'}: no such file or directory"
+    )
 
 
 def test_s3_url_without_the_s3_extra(tmp_path):
@@ -171,3 +174,144 @@ def test_storage_options_must_be_an_object():
     assert one_line_error(result, "info") == (
         "argument --storage-options: must be a JSON object, e.g. '{\"anon\": true}'"
     )
+
+
+# ---------------------------------------------------------------------------- cubes and S3
+
+
+def test_a_corpus_is_not_a_cube_from_the_api_and_the_cli(corpus):
+    """open_cube, CubeReader, the datasets and the CLI say the same one line."""
+    import nasar_zarr as nz
+    from nasar_zarr.errors import NotACubeError
+    from nasar_zarr.reader import CubeReader
+
+    root = corpus.root
+    expected = (
+        f"{root}: not a nasar-zarr cube but a corpus to convert (tar shards and"
+        f" metadata.parquet); make a cube of it with `nasar-zarr convert {root} DEST`"
+    )
+    openers = [nz.open_cube, CubeReader, store.open_group]
+    try:
+        from nasar_zarr.torch import InSARDataset, RTCDataset
+    except ImportError:  # torch not installed: the other openers still
+        pass
+    else:
+        openers += [RTCDataset, InSARDataset]
+    for opener in openers:
+        with pytest.raises(NotACubeError) as caught:
+            opener(str(root))
+        assert str(caught.value) == expected
+        assert isinstance(caught.value, FileNotFoundError)
+    assert one_line_error(cli("info", str(root)), "info") == expected
+    assert one_line_error(cli("verify", str(root)), "verify") == expected
+
+
+def test_open_cube_on_a_plain_directory_and_a_missing_path(not_a_cube, tmp_path):
+    import nasar_zarr as nz
+    from nasar_zarr.errors import NotACubeError
+
+    with pytest.raises(NotACubeError) as caught:
+        nz.open_cube(str(not_a_cube))
+    assert str(caught.value) == (
+        f"{not_a_cube}: not a nasar-zarr cube (no Zarr v3 group with 'nasar_zarr' provenance);"
+        " make one with `nasar-zarr convert SRC DEST`"
+    )
+    with pytest.raises(NotACubeError, match=f"^{tmp_path / 'nope'}: no such file or directory$"):
+        nz.open_cube(str(tmp_path / "nope"))
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(s3_server, corpus):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("errs")
+    fs.put(str(corpus.root) + "/", "errs/corpus/", recursive=True)
+    return "s3://errs/corpus"
+
+
+def _both(src: str, dest: str, options: dict) -> tuple[Exception, str]:
+    """The error of plan + execute from the API, and the CLI's one line."""
+    import json
+
+    import nasar_zarr as nz
+
+    with pytest.raises(Exception) as caught:
+        nz.plan_conversion(src, dest, storage_options=options).execute(workers=0)
+    result = cli("convert", src, dest, "--workers", "0", "--storage-options", json.dumps(options))
+    return caught.value, one_line_error(result, "convert")
+
+
+def test_s3_endpoint_that_is_not_s3(s3_corpus, s3_server):
+    from nasar_zarr.errors import EndpointError
+    from nasar_zarr.testing.http import RangeServer
+
+    with RangeServer(Path(__file__).parent) as web:
+        error, line = _both(s3_corpus, "s3://errs/c.zarr", {**s3_server, "endpoint_url": web.url})
+    assert isinstance(error, EndpointError) and isinstance(error, ConnectionError)
+    assert (
+        str(error)
+        == line
+        == (
+            f"{s3_corpus}: {web.url} does not answer as an S3 endpoint (listing buckets:"
+            " FileNotFoundError: Not Found); check endpoint_url in the storage options"
+            " (--storage-options)"
+        )
+    )
+
+
+def test_s3_unknown_storage_option(s3_corpus, s3_server):
+    from nasar_zarr.errors import StorageOptionsError
+
+    error, line = _both(s3_corpus, "s3://errs/c.zarr", {**s3_server, "endpont_url": "x"})
+    assert isinstance(error, StorageOptionsError) and isinstance(error, TypeError)
+    assert str(error) == line
+    assert line.startswith(
+        f"{s3_corpus}: unknown storage option 'endpont_url' for s3:// URLs (s3fs takes anon,"
+    )
+
+
+def test_s3_missing_destination_bucket(s3_corpus, s3_server):
+    from nasar_zarr.errors import NoSuchBucketError
+
+    error, line = _both(s3_corpus, "s3://no-such-bucket/c.zarr", s3_server)
+    assert isinstance(error, NoSuchBucketError) and isinstance(error, FileNotFoundError)
+    assert (
+        str(error)
+        == line
+        == (
+            f"s3://no-such-bucket/c.zarr: no bucket 'no-such-bucket' at"
+            f" {s3_server['endpoint_url']}; create it first (or fix the URL)"
+        )
+    )
+
+
+def test_s3_dead_endpoint_fails_within_seconds(s3_corpus, s3_server):
+    import socket
+    import time
+
+    import nasar_zarr as nz
+    from nasar_zarr.errors import EndpointError
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = {**s3_server, "endpoint_url": f"http://127.0.0.1:{port}"}
+    start = time.perf_counter()
+    with pytest.raises(EndpointError) as caught:
+        nz.plan_conversion(s3_corpus, "s3://errs/c.zarr", storage_options=dead)
+    assert time.perf_counter() - start < 5
+    assert str(caught.value) == (
+        f"{s3_corpus}: cannot connect to http://127.0.0.1:{port} (Could not connect to the"
+        f' endpoint URL: "http://127.0.0.1:{port}/errs/corpus/metadata.parquet"); check'
+        " endpoint_url in the storage options (--storage-options)"
+    )
+    # the storage options override the bound, key by key
+    assert store.storage_options(
+        "s3://b/k", {"config_kwargs": {"connect_timeout": 60, "read_timeout": 5}}
+    )["config_kwargs"] == {
+        "connect_timeout": 60,
+        "read_timeout": 5,
+        "retries": {"max_attempts": 2, "mode": "standard"},
+    }
+    assert store.storage_options("memory://x", {"anything": 1}) == {"anything": 1}

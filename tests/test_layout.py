@@ -91,3 +91,41 @@ def test_object_store_changes_are_seen_by_etag(small_corpus, s3_server, tmp_path
     fs.pipe_file(f"etag-src/corpus/{first.path}", changed)  # same size, other bytes
     with pytest.raises(SourceChangedError, match=r"\(ETag [0-9a-f]+ -> [0-9a-f]+\)"):
         plan.execute(workers=0)
+
+
+def test_skeleton_is_written_consolidated_and_leaves_nothing_in_memory(small_corpus, tmp_path):
+    """The skeleton is built in memory and written once, with consolidated metadata
+    (tasks change no metadata); the staging area is emptied."""
+    import json
+
+    import fsspec
+
+    from nasar_zarr import corpus, layout, plan_conversion, schema
+
+    dest = tmp_path / "cube.zarr"
+    plan = plan_conversion(str(small_corpus.root), str(dest), shard=8, inner_chunk=2)
+    layout.prepare_store(plan, corpus.MetadataColumns(plan.source), overwrite=False)
+    root = json.loads((dest / "zarr.json").read_text())
+    arrays = set(root["consolidated_metadata"]["metadata"])
+    assert {*schema.VARIABLES, schema.STATUS, schema.RTC_PRESENT, "sample"} <= arrays
+    assert all((dest / name / "zarr.json").exists() for name in arrays)
+    memory = fsspec.filesystem("memory")
+    assert not [k for k in memory.store if "nasar-zarr-skeleton" in k]
+
+
+def test_finalize_names_a_task_without_its_record(small_corpus, tmp_path):
+    """Records are read by name from the plan's task ids, never from a listing, and
+    a missing one is an error, not a silent None."""
+    from nasar_zarr import layout, plan_conversion
+    from nasar_zarr.errors import StoreError
+
+    dest = tmp_path / "cube.zarr"
+    plan = plan_conversion(str(small_corpus.root), str(dest), shard=8, inner_chunk=2)
+    plan.execute(workers=0)
+    (dest / store.task_record_path(2)).unlink()
+    with pytest.raises(StoreError) as caught:
+        layout.finalize(plan)
+    assert str(caught.value) == (
+        f"{dest}: task 2 has no record (_nasar/tasks/000002.json): it did not finish;"
+        " run the same command again to resume"
+    )

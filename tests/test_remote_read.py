@@ -174,3 +174,22 @@ def test_plain_xarray_reads_the_http_cube(http_cube, local):
     url, _ = http_cube
     ds = xr.open_zarr(url)
     np.testing.assert_array_equal(ds.dem.values, local.dem.values)
+
+
+def test_a_one_worker_two_thread_cluster_reduces_a_remote_cube(s3_cube, local):
+    """The fast remote reader inside a real dask worker process (its own clients and
+    index cache, made there): the means equal the local ones."""
+    from distributed import Client, LocalCluster
+
+    url, options, _ = s3_cube
+    ds = open_cube(url, storage_options=options)
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        got = client.compute([ds[v].astype("float64").sum() for v in ("rtc", "coh", "dem")])
+        values = [float(f.result()) for f in got]
+    expected = [float(local[v].astype("float64").sum()) for v in ("rtc", "coh", "dem")]
+    assert values == expected

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +272,100 @@ def test_append_killed_midway_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert verify(str(dest), src=str(full.root), workers=0).ok
     np.testing.assert_array_equal(nz.open_cube(str(dest)).status.values, 1)
+
+
+# ---------------------------------------------------------------------------- on S3
+
+
+S3_FAULTS = [
+    "skeleton",
+    "after-rtc",
+    "after-slope_deg",
+    "after-status",
+    "after-record",
+    "before-consolidate",
+]
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(s3_server, corpus):
+    """``corpus`` in ``s3://kill/corpus`` on the moto server; yields (src, options JSON)."""
+    import json
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("kill")
+    fs.put(str(corpus.root) + "/", "kill/corpus/", recursive=True)
+    return "s3://kill/corpus", json.dumps(s3_server)
+
+
+def _killed_group(*args: str, fault: str) -> subprocess.CompletedProcess:
+    """``nasar-zarr ARGS`` in a session of its own, the whole group (the command and
+    the LocalCluster's workers) SIGKILLed at ``fault``, wherever that runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NASAR_ZARR_FAULT")}
+    env.update(NASAR_ZARR_FAULT=fault, NASAR_ZARR_FAULT_SCOPE="group")
+    return subprocess.run(
+        [sys.executable, "-m", "nasar_zarr", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("fault", S3_FAULTS)
+def test_kill_9_on_s3_resumes_at_the_first_rerun(s3_corpus, s3_server, corpus, reference, fault):
+    """The default cluster (a LocalCluster), the whole run killed at each fault point:
+    the first rerun finishes, and the cube equals the local one and its source."""
+    import s3fs
+
+    src, options = s3_corpus
+    dest = f"s3://kill/{fault}.zarr"
+    args = ["convert", src, dest, "--shard", "4", "--storage-options", options]
+    killed = _killed_group(*args, fault=fault)
+    assert killed.returncode == -9, killed.stderr
+    fs = s3fs.S3FileSystem(**s3_server)
+    assert fs.exists(f"kill/{fault}.zarr/{LOCK_FILE}")  # a stale lock from the dead run
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "done: 11 written, 0 rejected, 0 pending" in rerun.stdout
+    fs.invalidate_cache()
+    assert not fs.exists(f"kill/{fault}.zarr/{LOCK_FILE}")
+    group = zarr.open_group(
+        zarr.storage.FsspecStore.from_url(dest, storage_options=s3_server, read_only=True),
+        mode="r",
+    )
+    reference_group = zarr.open_group(str(reference), mode="r")
+    for name in ARRAYS:
+        assert group[name][:].tobytes() == reference_group[name][:].tobytes(), name
+    checked = cli("verify", src, dest, "--workers", "0", "--storage-options", options)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip().endswith("11 samples checked: OK")
+
+
+def test_append_on_s3_killed_after_resize_resumes(s3_corpus, s3_server, corpus, tmp_path):
+    import s3fs
+
+    src, options = s3_corpus
+    part = tmp_path / "part"
+    (part / "data").mkdir(parents=True)
+    shutil.copy(corpus.root / corpus.shard_paths[0], part / corpus.shard_paths[0])
+    pq.write_table(
+        pq.read_table(corpus.root / "metadata.parquet").slice(0, 5), part / "metadata.parquet"
+    )
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.put(str(part) + "/", "kill/part/", recursive=True)
+    dest = "s3://kill/append.zarr"
+    nz.plan_conversion("s3://kill/part", dest, shard=4, storage_options=s3_server).execute(
+        workers=0
+    )
+    args = ["append", src, dest, "--storage-options", options]
+    killed = _killed_group(*args, fault="after-resize")
+    assert killed.returncode == -9, killed.stderr
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "done: 11 written, 0 rejected, 0 pending" in rerun.stdout
+    report = verify(dest, src=src, workers=0, storage_options=s3_server)
+    assert report.ok, str(report)
