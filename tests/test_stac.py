@@ -148,13 +148,13 @@ def test_asset_opens_with_xarray_as_open_cube(stac_dir, cube):
     pytest.importorskip("xpystac")
     out, _ = stac_dir
     asset = pystac.Collection.from_file(str(out / "collection.json")).assets["zarr"]
-    opened = xr.open_dataset(asset)  # xpystac: engine, zarr_format, consolidated from the asset
-    # cube.compute(), not cube.load(): load() would change the session-wide fixture in place.
-    xr.testing.assert_identical(opened.load(), cube.compute())
     from xpystac.core import to_xarray
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 1-D coordinates: one stored chunk
+        opened = xr.open_dataset(asset)  # xpystac: engine, zarr_format, ... from the asset
+        # cube.compute(), not cube.load(): load() would change the session-wide fixture
+        xr.testing.assert_identical(opened.load(), cube.compute())
         # xpystac's to_xarray applies xarray:open_kwargs (xarray's engine="stac" route,
         # open_dataset(asset), drops dask unless it is given chunks= itself)
         chunked = to_xarray(asset)
