@@ -129,3 +129,30 @@ def test_finalize_names_a_task_without_its_record(small_corpus, tmp_path):
         f"{dest}: task 2 has no record (_nasar/tasks/000002.json): it did not finish;"
         " run the same command again to resume"
     )
+
+
+def test_flags_are_sharded_like_the_data_variables(small_cube):
+    """status and rtc_present: the data variables' inner chunk and shard (zstd + crc32c
+    inside), so plain xarray chunks every variable alike; the fast reader decodes them
+    to zarr-python's values."""
+    import numpy as np
+    import xarray as xr
+    import zarr
+
+    from nasar_zarr import backend
+
+    group = zarr.open_group(str(small_cube), mode="r")
+    for name in ("status", "rtc_present"):
+        array = group[name]
+        assert (array.shards[0], array.chunks[0]) == (group["rtc"].shards[0], 2) == (8, 2)
+        layout = backend.array_layout(array, str(small_cube / name))
+        assert layout is not None and layout.sharded and layout.checksum
+        assert (layout.shard, layout.inner, layout.compressor) == (8, 2, "zstd")
+        np.testing.assert_array_equal(backend.read_rows(layout, slice(None)), array[:])
+    # the 1-D metadata coordinates are one stored chunk each: xarray warns that it splits
+    # them (docs/ANALYSIS.md: what that costs)
+    with pytest.warns(UserWarning, match="separate the stored chunks"):
+        plain = xr.open_zarr(str(small_cube), chunks={"sample": 8})
+    assert plain.chunks["sample"] == (8, 8, 8, 8)
+    stored = xr.open_zarr(str(small_cube), chunks={})  # the stored (inner) chunks
+    assert stored.status.chunks[0] == stored.rtc.chunks[0] == (2,) * 16
