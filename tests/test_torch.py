@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 from nasar_zarr import store  # noqa: E402
 from nasar_zarr.reader import CubeReader  # noqa: E402
 from nasar_zarr.torch import (  # noqa: E402
+    CubeDataLoader,
     InSARDataset,
     RTCDataset,
     ShardAwareSampler,
@@ -281,7 +282,7 @@ def test_dataloader_two_workers_end_to_end(small_cube):
     reference = ds.__getitems__(list(range(32)))  # the parent reads first
     sampler = ShardAwareSampler(ds, seed=5)
     loader = dataloader(ds, batch_size=5, sampler=sampler, num_workers=2)
-    assert loader.multiprocessing_context.get_start_method() in ("forkserver", "spawn")
+    assert isinstance(loader, CubeDataLoader) and loader.multiprocessing_context is None
     assert loader.persistent_workers
     order = []
     for batch in loader:
@@ -292,15 +293,22 @@ def test_dataloader_two_workers_end_to_end(small_cube):
             for key in INSAR_KEYS:
                 assert torch.equal(batch[key][j], reference[i][key]), (i, key)
     assert order == sampler.epoch_indices(0).tolist()
+    forkserver = dataloader(ds, batch_size=8, num_workers=1, multiprocessing_context="forkserver")
+    assert forkserver.multiprocessing_context.get_start_method() == "forkserver"
+    assert [int(i) for b in forkserver for i in b["index"]] == list(range(32))
 
 
 FORK_SCRIPT = """
 import json, sys, warnings
+warnings.simplefilter("error")
 from torch.utils.data import DataLoader
-from nasar_zarr.torch import RTCDataset
+from nasar_zarr.torch import RTCDataset, dataloader
 ds = RTCDataset(sys.argv[1], engine=sys.argv[2] if sys.argv[2] != "auto" else None)
-first = ds[0]["prime_rtc_view_0"]  # the parent reads: tensorstore threads run
-loader = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="fork")
+first = ds[0]["prime_rtc_view_0"]  # the parent reads first
+if sys.argv[3] == "plain":
+    loader = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="fork")
+else:  # ours, default start method, and no `if __name__ == "__main__":` guard
+    loader = dataloader(ds, batch_size=8, num_workers=2)
 out = {"n": 0, "equal": None}
 for batch in loader:
     out["n"] += len(batch["index"])
@@ -310,25 +318,175 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("engine", ["auto", "tensorstore"])
-def test_fork_after_parent_read_works_or_fails_clearly(small_cube, engine):
+@pytest.mark.parametrize(
+    "engine,how", [("auto", "plain"), ("auto", "ours"), ("tensorstore", "plain")]
+)
+def test_fork_after_parent_read(small_cube, tmp_path, engine, how):
+    script = tmp_path / "train.py"  # a script file, as users run them
+    script.write_text(textwrap.dedent(FORK_SCRIPT))
     run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FORK_SCRIPT), str(small_cube), engine],
+        [sys.executable, str(script), str(small_cube), engine, how],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    if engine == "auto":  # falls back to zarr-python in the forked workers, with a warning
+    if engine == "auto":  # the shard reader: no fallback, no warning, items equal
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout.splitlines()[-1]) == {"n": 32, "equal": True}
-        assert "was forked after tensorstore started its threads" in run.stderr
-        assert "Reading through zarr-python instead" in run.stderr
+        assert "Warning" not in run.stderr, run.stderr
     else:  # explicitly tensorstore: a clear error, not a hang and not an abort
         assert run.returncode == 1
         assert (
             "RTCDataset(engine='tensorstore'): this process was forked after tensorstore"
             " started its threads"
         ) in run.stderr
+
+
+# ------------------------------------------------ outputs own their memory, indices, errors
+
+
+def _assert_keys_independent(items_or_batch, keys):
+    """Mutating one key in place changes no other key (nor another item's)."""
+    groups = items_or_batch if isinstance(items_or_batch, list) else [items_or_batch]
+    before = [{k: g[k].clone() for k in keys} for g in groups]
+    for gi, group in enumerate(groups):
+        for key in keys:
+            group[key].add_(1000.0)
+            for gj, other in enumerate(groups):
+                for k in keys:
+                    if (gi, key) != (gj, k):
+                        assert torch.equal(other[k], before[gj][k]), (gi, key, gj, k)
+            group[key].copy_(before[gi][key])
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_outputs_own_their_memory(small_cube, stack):
+    ds = InSARDataset(str(small_cube), stack=stack)
+    keys = ["x"] if stack else INSAR_KEYS
+    items = ds.__getitems__([3, 4, 10])
+    _assert_keys_independent(items, keys)
+    _assert_keys_independent(collate(items), keys)
+    loader = dataloader(ds, batch_size=4, num_workers=1)
+    batches = [b for b, _ in zip(loader, range(2), strict=False)]
+    for batch in batches:
+        _assert_keys_independent(batch, keys)
+    per_batch = [{b[k].untyped_storage().data_ptr() for k in keys} for b in batches]
+    assert not per_batch[0] & per_batch[1]  # no storage shared between batches
+
+
+def test_index_types(small_cube):
+    ds = RTCDataset(str(small_cube), indices=[5, 6, 7, 8])
+    want = ds[3]["prime_rtc_view_0"]
+    for index in (3, np.int64(3), np.array(3), torch.tensor(3), torch.tensor([3]), -1):
+        got = ds[index]
+        assert got["index"] == 8 and torch.equal(got["prime_rtc_view_0"], want), index
+    for index in (True, np.bool_(False), torch.tensor(True)):
+        with pytest.raises(TypeError, match="index must be an integer, got the boolean"):
+            ds[index]
+    with pytest.raises(TypeError, match=r"index must be an integer \(int, numpy integer or"):
+        ds[1.0]
+    with pytest.raises(TypeError, match="indices must be integer item positions, got bool"):
+        ds.__getitems__([True, False])
+    assert [it["index"] for it in ds.__getitems__(torch.tensor([2, 0]))] == [7, 5]
+
+
+def test_not_a_cube(small_corpus, tmp_path):
+    from nasar_zarr.errors import NotACubeError
+
+    corpus = str(small_corpus.root)
+    with pytest.raises(NotACubeError) as info:
+        InSARDataset(corpus)
+    assert str(info.value) == (
+        f"{corpus} holds no nasar-zarr cube (no Zarr group with rtc, status and sample); it"
+        " looks like the NA-SAR WebDataset corpus (tars and metadata.parquet): convert it"
+        f" first with `nasar-zarr convert {corpus} DEST` and pass DEST"
+    )
+    assert isinstance(info.value, FileNotFoundError)
+    for path in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(NotACubeError) as info:
+            RTCDataset(str(path))
+        assert str(info.value) == (
+            f"{path} holds no nasar-zarr cube (no Zarr group with rtc, status and sample);"
+            " pass the output of `nasar-zarr convert SRC DEST`"
+        )
+
+
+# ------------------------------------------------ resume through loaders
+
+
+def _indices(batches):
+    return [int(i) for b in batches for i in b["index"]]
+
+
+@pytest.mark.parametrize("stop", [1, 3, 6])
+def test_resume_through_our_loader(small_cube, stop):
+    def make():
+        ds = RTCDataset(str(small_cube))
+        sampler = ShardAwareSampler(ds, seed=3)
+        sampler.set_epoch(1)
+        return sampler, dataloader(ds, batch_size=4, sampler=sampler, num_workers=2)
+
+    sampler, loader = make()
+    full = sampler.epoch_indices().tolist()
+    it = iter(loader)
+    head = [next(it) for _ in range(stop)]
+    state = loader.state_dict()
+    assert state["sampler"]["position"] == 4 * stop  # not what the workers read ahead
+    assert sampler.state_dict() == state["sampler"]  # the sampler's own state agrees
+    del it
+    sampler2, loader2 = make()
+    loader2.load_state_dict(json.loads(json.dumps(state)))
+    sampler2.set_epoch(1)
+    assert _indices(head) + _indices(loader2) == full
+    assert loader2.state_dict()["sampler"]["position"] == 32  # the epoch is done
+    sampler2.set_epoch(2)
+    assert _indices(loader2) == sampler2.epoch_indices(2).tolist()
+
+
+def test_sampler_state_refuses_a_plain_loaders_read_ahead(rtc_ds):
+    from torch.utils.data import DataLoader
+
+    sampler = ShardAwareSampler(rtc_ds, seed=3)
+    loader = DataLoader(rtc_ds, batch_size=4, sampler=sampler, num_workers=2)
+    it = iter(loader)
+    [next(it) for _ in range(2)]
+    with pytest.raises(
+        ValueError,
+        match=r"ShardAwareSampler.state_dict\(\) without samples_consumed while a DataLoader"
+        r" with 2 workers draws from it: it has handed out \d+ positions, more than your loop"
+        r" has consumed .* or pass samples_consumed=",
+    ):
+        sampler.state_dict()
+    assert sampler.state_dict(samples_consumed=8)["position"] == 8
+    single = ShardAwareSampler(rtc_ds, seed=3)  # no workers: nothing read ahead
+    it = iter(DataLoader(rtc_ds, batch_size=4, sampler=single))
+    [next(it) for _ in range(2)]
+    assert single.state_dict()["position"] == 8
+
+
+@pytest.mark.parametrize("stop", [2, 5])
+def test_resume_through_stateful_dataloader(small_cube, stop):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make():
+        ds = InSARDataset(str(small_cube), stack=True)
+        sampler = ShardAwareSampler(ds, seed=4)
+        loader = StatefulDataLoader(
+            ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=collate
+        )
+        return sampler, loader
+
+    sampler, loader = make()
+    full = sampler.epoch_indices(0).tolist()
+    it = iter(loader)
+    head = [next(it) for _ in range(stop)]
+    state = loader.state_dict()
+    del it
+    _, loader2 = make()
+    loader2.load_state_dict(state)
+    rest = list(loader2)
+    assert _indices(head) + _indices(rest) == full
+    assert rest[0]["x"].shape == (4, 22, 128, 128)
 
 
 # ------------------------------------------------ sampler
