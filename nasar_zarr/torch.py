@@ -1083,8 +1083,9 @@ class ShardAwareSampler(Sampler[int]):
                 "ShardAwareSampler.state_dict() without samples_consumed while"
                 f" {self._reader_ahead} draws from it: it has handed out {self._yielded}"
                 " positions, more than your loop has consumed (the workers read ahead), and"
-                " resuming there would skip samples. Use the loader's state (nasar_zarr.torch.dataloader(...).state_dict(),"
-                " or torchdata's StatefulDataLoader), or pass"
+                " resuming there would skip samples. Use the loader's state"
+                " (nasar_zarr.torch.dataloader(...).state_dict(), or torchdata's"
+                " StatefulDataLoader), or pass"
                 " samples_consumed=<samples your loop consumed this epoch>"
             )
         else:
