@@ -663,3 +663,150 @@ def test_collate_takes_batch_buffers_without_copy(small_cube):
     mixed = [items[1], ds[0]]  # rows of two batches: stacked, as default_collate does
     assert torch.equal(collate(mixed)["ifg_view_1"], default_collate(mixed)["ifg_view_1"])
     assert collate([1, 2]).tolist() == [1, 2]
+
+
+# ------------------------------------------------ fast transforms, device, stack, half
+
+
+def _around_thresholds(gain=20.0, ranges=((0.15, 2.39), (0.01, 1.09)), steps=1500):
+    """Raw RTC values whose log1p(gain x) lies at and around each clip threshold."""
+    out = []
+    for lo, hi in ranges:
+        for t in (lo, hi):
+            x0 = np.float32(np.expm1(np.float64(t)) / gain)
+            out.append(x0 + np.arange(-steps, steps, dtype=np.float32) * np.spacing(x0))
+    return np.concatenate(out)
+
+
+def test_fast_rtc_kernel_within_one_ulp_of_exact():
+    from nasar_zarr import normalize
+    from nasar_zarr import torch_transforms as fast
+
+    rng = np.random.default_rng(11)
+    values = np.concatenate(
+        [
+            _around_thresholds(),
+            rng.gamma(1.0, 0.1, 150_000).astype(np.float32),
+            rng.uniform(0, 1e3, 50_000).astype(np.float32),
+            np.array([0.0, -0.0, 1e-30, np.inf], np.float32),
+        ]
+    )
+    x = np.resize(values, (values.size // 64 + 1) * 64).reshape(-1, 2, 2, 2, 2, 4)
+    x[0, 0, 0, 1] = 0.0  # a missing polarization stays exactly 0
+    x[1] = np.nan  # an unwritten sample stays NaN
+    present = x.any(axis=(-2, -1)) | np.isnan(x).any(axis=(-2, -1))
+    low = np.array([0.15, 0.01], np.float32)[:, None, None]
+    high = np.array([2.39, 1.09], np.float32)[:, None, None]
+    exact = normalize.rtc_kernel(x, present[..., None, None], low, high, gain=np.float32(20))
+    got = torch.empty(x.shape)
+    fast.rtc(
+        torch.from_numpy(x),
+        torch.from_numpy(present)[..., None, None],
+        torch.from_numpy(low),
+        torch.from_numpy(high),
+        gain=20.0,
+        out=got,
+    )
+    got_np = got.numpy()
+    assert np.array_equal(np.isnan(got_np), np.isnan(exact))
+    finite = ~np.isnan(exact)
+    # within one ulp of the output range's top (2**-23): log1p is the one step that differs
+    assert np.abs(got_np[finite].astype(np.float64) - exact[finite]).max() <= 2.0**-23
+    assert not got_np[0, 0, 0, 1].any()
+    assert (got_np[finite] == exact[finite]).mean() > 0.85  # mostly bit for bit
+
+
+def test_fast_precision_and_device_equal_exact_but_rtc(small_cube):
+    exact = InSARDataset(str(small_cube))
+    fast = InSARDataset(str(small_cube), precision="fast")
+    on_cpu = InSARDataset(str(small_cube), precision="fast", device="cpu")
+    order = [5, 30, 2, 2]
+    want = exact.__getitems__(order)
+    got = fast.__getitems__(order)
+    via_device = on_cpu.__getitems__(order)
+    for a, b, c in zip(want, got, via_device, strict=True):
+        for key in INSAR_KEYS:
+            assert torch.equal(b[key], c[key]), key  # the same kernels wherever they run
+            if key in RTC_KEYS:
+                assert (b[key].double() - a[key].double()).abs().max() <= 2.0**-23, key
+            else:
+                assert b[key].numpy().tobytes() == a[key].numpy().tobytes(), key
+    # device=: workers only read; the loader transforms each batch on the device
+    sampler = ShardAwareSampler(on_cpu, seed=2)
+    loader = dataloader(on_cpu, batch_size=6, sampler=sampler, num_workers=2)
+    for batch in loader:
+        assert not any(k.startswith("raw/") for k in batch)
+        ref = collate(fast.__getitems__(batch["index"].tolist()))
+        for key in INSAR_KEYS:
+            assert torch.equal(batch[key], ref[key]), key
+    with pytest.raises(ValueError, match="device='cpu' runs the fast transforms on that device"):
+        InSARDataset(str(small_cube), device="cpu")
+    with pytest.raises(ValueError, match="precision must be 'exact' or 'fast', got 'half'"):
+        InSARDataset(str(small_cube), precision="half")
+
+
+@pytest.mark.parametrize("cls", [RTCDataset, InSARDataset])
+def test_stack_is_the_concatenation_of_the_keys(small_cube, cls):
+    plain = cls(str(small_cube))
+    stacked = cls(str(small_cube), stack=True)
+    keys = RTC_KEYS if cls is RTCDataset else INSAR_KEYS
+    assert stacked.output_keys == tuple(keys)
+    assert len(stacked.channels) == (8 if cls is RTCDataset else 22)
+    assert stacked.channels[:3] == (
+        "prime_rtc_view_0/co",
+        "prime_rtc_view_0/cross",
+        "secondary_rtc_view_0/co",
+    )
+    if cls is InSARDataset:
+        assert stacked.channels[8:14] == (
+            "inc_angle_view_0",
+            "inc_angle_view_1",
+            "ifg_view_0/cos",
+            "ifg_view_0/sin",
+            "ifg_view_1/cos",
+            "ifg_view_1/sin",
+        )
+        assert stacked.channels[-2:] == ("slope_view_0", "slope_view_1")
+    order = [9, 3, 3, 31]
+    want = collate(plain.__getitems__(order))
+    cat = torch.cat([want[key] for key in keys], dim=1)
+    batch = collate(stacked.__getitems__(order))
+    assert sorted(batch) == ["index", "sample_key", "x"]
+    assert batch["x"].dtype == torch.float32 and batch["x"].is_contiguous()
+    assert batch["x"].numpy().tobytes() == cat.numpy().tobytes()
+    for dtype in (torch.bfloat16, torch.float16):
+        half = cls(str(small_cube), stack=True, dtype=dtype)
+        x = collate(half.__getitems__(order))["x"]
+        assert x.dtype == dtype and torch.equal(x, cat.to(dtype))  # round to nearest, once
+        per_key = cls(str(small_cube), dtype=dtype).__getitems__(order)[1]
+        assert all(torch.equal(per_key[k], want[k][1].to(dtype)) for k in keys)
+    with pytest.raises(ValueError, match="dtype must be torch.float32, torch.bfloat16 or"):
+        cls(str(small_cube), dtype=torch.float64)
+
+
+def test_stacked_loader_and_a_training_step(small_cube):
+    ds = InSARDataset(str(small_cube), stack=True, dtype=torch.bfloat16)
+    sampler = ShardAwareSampler(ds, seed=0)
+    loader = dataloader(ds, batch_size=8, sampler=sampler, num_workers=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(22, 4, 3, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(1)
+    )
+    model(torch.zeros(1, 22, 128, 128))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    start = [p.detach().clone() for p in model.parameters()]
+    seen, storages, kept = [], set(), []
+    for batch in loader:
+        x = batch["x"]
+        assert x.shape[1:] == (22, 128, 128) and x.dtype == torch.bfloat16
+        storages.add(x.untyped_storage().data_ptr())
+        kept.append(x)  # held, so that no address is reused
+        loss = model(x.float()).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+        seen += batch["index"].tolist()
+    assert seen == sampler.epoch_indices(0).tolist()
+    assert len(storages) == 4  # every batch its own buffer
+    assert all(not torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
