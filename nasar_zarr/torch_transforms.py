@@ -30,7 +30,13 @@ from . import normalize
 
 def _clip(x: Tensor, low: Tensor, high: Tensor, out: Tensor) -> Tensor:
     """numpy's float clip, signed zeros and NaN included: ``min(max(x, low), high)``
-    where ``max(a, b)`` is ``a`` if ``a >= b`` or ``a`` is NaN (numpy's ``_NPY_MAX``)."""
+    where ``max(a, b)`` is ``a`` if ``a >= b`` or ``a`` is NaN (numpy's ``_NPY_MAX``).
+
+    ``torch.clamp`` agrees (NaN propagates) except for the sign of a zero ``x``
+    clipped at a zero bound, so it is used unless a bound is zero.
+    """
+    if not (bool((low == 0).any()) or bool((high == 0).any())):
+        return torch.clamp(x, low, high, out=out)
     torch.where((x >= low) | torch.isnan(x), x, low, out=out)
     return torch.where((out <= high) | torch.isnan(out), out, high, out=out)
 
