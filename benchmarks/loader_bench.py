@@ -42,7 +42,6 @@ sys.path.insert(0, str(HERE))
 
 import measure as m  # noqa: E402
 
-
 NOTES = {
     "loader_over_wds_loader": (
         "dataloader(InSARDataset, ShardAwareSampler), exact transforms, fork workers, over the"
