@@ -784,10 +784,13 @@ def test_stack_is_the_concatenation_of_the_keys(small_cube, cls):
         cls(str(small_cube), dtype=torch.float64)
 
 
-def test_stacked_loader_and_a_training_step(small_cube):
+@pytest.mark.parametrize("context", [None, "forkserver"])
+def test_stacked_loader_and_a_training_step(small_cube, context):
     ds = InSARDataset(str(small_cube), stack=True, dtype=torch.bfloat16)
     sampler = ShardAwareSampler(ds, seed=0)
-    loader = dataloader(ds, batch_size=8, sampler=sampler, num_workers=2)
+    loader = dataloader(
+        ds, batch_size=8, sampler=sampler, num_workers=2, multiprocessing_context=context
+    )
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(22, 4, 3, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(1)
@@ -810,3 +813,61 @@ def test_stacked_loader_and_a_training_step(small_cube):
     assert seen == sampler.epoch_indices(0).tolist()
     assert len(storages) == 4  # every batch its own buffer
     assert all(not torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from nasar_zarr.torch import InSARDataset, ShardAwareSampler, dataloader
+
+def run(rank, url, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ds = InSARDataset(url, stack=True, dtype=torch.bfloat16)
+    sampler = ShardAwareSampler(ds, seed=1)  # ranks from the process group
+    loader = dataloader(ds, batch_size=4, sampler=sampler, num_workers=1)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Conv2d(22, 2, 8, stride=8), torch.nn.Flatten(),
+                            torch.nn.Linear(512, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    seen = []
+    for batch in loader:
+        loss = model(batch["x"].float()).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += batch["index"].tolist()
+    weights = [p.detach().flatten()[:4].tolist() for p in model.parameters()]
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"seen": seen, "share": sampler.epoch_indices(0).tolist(),
+                   "weights": weights}, f)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, args=tuple(sys.argv[1:4]), nprocs=2)
+"""
+
+
+def test_stacked_loader_under_ddp(small_cube, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    out = tmp_path / "rank"
+    run = subprocess.run(
+        [sys.executable, str(script), str(small_cube), port, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank.{r}").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["seen"] == r["share"] and len(r["seen"]) == 16
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(32))  # disjoint, covering
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas in step
