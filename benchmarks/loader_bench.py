@@ -254,7 +254,7 @@ def profile(datasets: dict[str, Any], *, batch_size: int, batches: int = 3) -> d
 
     def build(name: str):
         d = datasets[name]
-        return lambda: [d._outputs(x, nt._shared_empty) for x in data]
+        return lambda: [d._outputs(x, nt._Block(None, nt._shared_empty)) for x in data]
 
     def shm(channels: int, dtype: Any):
         def run() -> None:
@@ -269,7 +269,7 @@ def profile(datasets: dict[str, Any], *, batch_size: int, batches: int = 3) -> d
         "dict_f32": best(build("loader")),
         "fast_f32": best(build("loader_fast")),
         "stacked_bf16": best(build("loader_stacked")),
-        "raw": best(lambda: [raw._raw_tensors(x, nt._shared_empty) for x in data]),
+        "raw": best(lambda: [raw._raw_tensors(x, nt._Block(None, nt._shared_empty)) for x in data]),
         "shm_alloc_dict_f32": best(shm(22, torch.float32)),
         "shm_alloc_stacked_bf16": best(shm(22, torch.bfloat16)),
     }

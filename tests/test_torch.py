@@ -871,3 +871,34 @@ def test_stacked_loader_under_ddp(small_cube, tmp_path):
         assert r["seen"] == r["share"] and len(r["seen"]) == 16
     assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(32))  # disjoint, covering
     assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas in step
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_pooled_buffers_are_reused_only_once_released(small_cube, stack):
+    ds = InSARDataset(str(small_cube), stack=stack)
+    keys = ["x"] if stack else INSAR_KEYS
+    reference = ds.__getitems__(list(range(32)))
+    sampler = ShardAwareSampler(ds, seed=0)
+    loader = dataloader(ds, batch_size=4, sampler=sampler, num_workers=2)
+    tags = []
+    hold = loader._hold
+
+    def spy(batch):
+        tags.append(batch.get("_buffer"))
+        hold(batch)
+
+    loader._hold = spy
+    kept = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            assert "_buffer" not in batch
+            if epoch == 0:
+                kept.append(batch)  # held by the loop: their buffers must never be reused
+    for batch in kept:
+        for j, i in enumerate(batch["index"].tolist()):
+            for key in keys:
+                assert torch.equal(batch[key][j], reference[i][key]), (i, key)
+    assert len(tags) == 24 and all(t >= 0 for t in tags)
+    assert not set(tags[:8]) & set(tags[8:])  # held buffers stayed out of the pool
+    assert len(set(tags[8:])) < 16  # released ones came back
