@@ -312,6 +312,14 @@ class _Pool:
         self.flags = flags
         self.worker = worker
         self.buffers: dict[int, Tensor] = {}
+        self._scratch: Tensor | None = None
+
+    def scratch(self, numel: int) -> Tensor:
+        """This worker's private float32 scratch (half-precision batches are computed in
+        it, then rounded into a shared buffer); never sent, so reused freely."""
+        if self._scratch is None or self._scratch.numel() < numel:
+            self._scratch = _empty((numel,), torch.float32)
+        return self._scratch[:numel]
 
     def take(self, numel: int, dtype: torch.dtype) -> tuple[int, Tensor]:
         row = self.flags[self.worker]
@@ -656,6 +664,8 @@ class _CubeDataset(Dataset):
             final = block.take(numel, self.dtype)
         if self.dtype == torch.float32:
             flat = final
+        elif block is not None and block.pool is not None:
+            flat = block.pool.scratch(numel)
         elif device.type == "cpu":
             flat = _empty((numel,), torch.float32)
         else:
@@ -696,14 +706,19 @@ class _CubeDataset(Dataset):
 
     def _fill(self, data: Mapping[str, Any], views: dict[str, Tensor], rtc_out: Tensor) -> None:
         if self.precision == "exact":
-            normalize.rtc_kernel(
-                data["rtc"],
-                data[schema.RTC_PRESENT][..., None, None],
-                self._rtc_low,
-                self._rtc_high,
-                gain=self._rtc_gain,
-                out=rtc_out.numpy(),
-            )
+            out = rtc_out.numpy()
+            # numpy's vectorised log1p wants a contiguous destination; a sample's rtc block
+            # is one (stacked: the rows between are other channels), the batch's may not be
+            parts = range(len(out)) if not out.flags.c_contiguous else [slice(None)]
+            for j in parts:
+                normalize.rtc_kernel(
+                    data["rtc"][j],
+                    data[schema.RTC_PRESENT][j][..., None, None],
+                    self._rtc_low,
+                    self._rtc_high,
+                    gain=self._rtc_gain,
+                    out=out[j],
+                )
             return
         device = rtc_out.device
         fast_kernels.rtc(
@@ -1325,6 +1340,9 @@ class CubeDataLoader(DataLoader):
     ``state_dict()``) points at exactly the next undelivered sample, whatever the
     workers read ahead. Batches of a dataset made with ``device=`` are
     transformed on that device (``dataset.finish``) before they are handed out.
+    With persistent workers (the default of :func:`dataloader`) each worker
+    reuses its shared-memory batch buffers, each only after nothing in this
+    process references the batch any more (see :class:`_Pool`).
 
     Examples
     --------
