@@ -13,8 +13,8 @@ Loaders (``<name>_sps``, samples/s):
   with ``multiprocessing_context="forkserver"``.
 - ``loader_fast``: the same with ``precision="fast"``.
 - ``loader_stacked``: ``stack=True, dtype=torch.bfloat16`` (exact values, rounded).
-- ``loader_raw``: ``precision="fast", device="cpu"`` through a plain DataLoader:
-  the workers only read (the raw arrays); nothing is transformed.
+- ``loader_raw``: ``precision="fast", device="cpu"``, the batches left raw: the
+  workers only read (the raw arrays into shared memory); nothing is transformed.
 - ``wds_loader``: the release loader's pattern over the tars (WebDataset, npz
   decode, the card's transforms per sample with the same numpy kernels).
 
@@ -57,8 +57,8 @@ NOTES = {
         " rate over min(that loader alone, the model fed synthetic tensors)"
     ),
     "loader_raw_ms_per_sample_worker": (
-        "CPU time of the workers (psutil) per sample when they only read (device='cpu'"
-        " through a plain DataLoader: the raw arrays into shared memory, no transform)"
+        "CPU time of the workers (psutil) per sample when they only read (device='cpu',"
+        " batches left raw: the raw arrays into pooled shared memory, no transform)"
     ),
     "loader_stacked_over_dict": "stack=True, dtype=bfloat16 loader over today's dict of float32",
     "gpu_train_vit_s_sps": (
@@ -106,7 +106,7 @@ def loaders(cube: Path, corpus: Path, *, batch_size: int, num_workers: int, epoc
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from nasar_zarr.torch import InSARDataset, ShardAwareSampler, collate, dataloader
+    from nasar_zarr.torch import InSARDataset, ShardAwareSampler, dataloader
 
     common = {"batch_size": batch_size, "num_workers": num_workers}
     # First batch of a new loader (fork, workers started by iter), before anything else.
@@ -133,13 +133,8 @@ def loaders(cube: Path, corpus: Path, *, batch_size: int, num_workers: int, epoc
         )
     }
     for name, ds in datasets.items():
-        if name == "loader_raw":  # a plain DataLoader: raw batches, nothing done in the parent
-            built[name] = DataLoader(
-                ds, sampler=samplers[name], collate_fn=collate, persistent_workers=True, **common
-            )
-        else:
-            extra = {"multiprocessing_context": "forkserver"} if name.endswith("forkserver") else {}
-            built[name] = dataloader(ds, sampler=samplers[name], **extra, **common)
+        extra = {"multiprocessing_context": "forkserver"} if name.endswith("forkserver") else {}
+        built[name] = dataloader(ds, sampler=samplers[name], **extra, **common)
     built["wds_loader"] = DataLoader(
         m.release_wds_dataset(m.tar_paths(corpus)), persistent_workers=True, **common
     )
@@ -153,7 +148,10 @@ def loaders(cube: Path, corpus: Path, *, batch_size: int, num_workers: int, epoc
         for name, loader in built.items():
             cpu = _worker_cpu(loader) if epoch else 0.0
             t = m.now()
-            count = sum(len(batch["sample_key"]) for batch in loader)
+            it = iter(loader)
+            if name == "loader_raw":
+                it._finish = None  # raw batches: nothing transformed in this process
+            count = sum(len(batch["sample_key"]) for batch in it)
             seconds = m.now() - t
             if epoch:  # the workers' CPU: far less sensitive to other tenants than wall time
                 used = _worker_cpu(loader) - cpu
