@@ -230,6 +230,7 @@ def profile(datasets: dict[str, Any], *, batch_size: int, batches: int = 3) -> d
     import torch
 
     from nasar_zarr import torch as nt
+    from nasar_zarr.torch.buffers import _Block, _shared_empty
 
     ds = datasets["loader"]
     order = nt.shard_aware_order(
@@ -252,12 +253,12 @@ def profile(datasets: dict[str, Any], *, batch_size: int, batches: int = 3) -> d
 
     def build(name: str):
         d = datasets[name]
-        return lambda: [d._outputs(x, nt._Block(None, nt._shared_empty)) for x in data]
+        return lambda: [d._outputs(x, _Block(None, _shared_empty)) for x in data]
 
     def shm(channels: int, dtype: Any):
         def run() -> None:
             for p in picks:
-                nt._shared_empty((len(p), channels, 128, 128), dtype).fill_(0)
+                _shared_empty((len(p), channels, 128, 128), dtype).fill_(0)
 
         return run
 
@@ -267,7 +268,7 @@ def profile(datasets: dict[str, Any], *, batch_size: int, batches: int = 3) -> d
         "dict_f32": best(build("loader")),
         "fast_f32": best(build("loader_fast")),
         "stacked_bf16": best(build("loader_stacked")),
-        "raw": best(lambda: [raw._raw_tensors(x, nt._Block(None, nt._shared_empty)) for x in data]),
+        "raw": best(lambda: [raw._raw_tensors(x, _Block(None, _shared_empty)) for x in data]),
         "shm_alloc_dict_f32": best(shm(22, torch.float32)),
         "shm_alloc_stacked_bf16": best(shm(22, torch.bfloat16)),
     }

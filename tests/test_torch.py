@@ -680,7 +680,7 @@ def _around_thresholds(gain=20.0, ranges=((0.15, 2.39), (0.01, 1.09)), steps=150
 
 def test_fast_rtc_kernel_within_one_ulp_of_exact():
     from nasar_zarr import normalize
-    from nasar_zarr import torch_transforms as fast
+    from nasar_zarr.torch import kernels as fast
 
     rng = np.random.default_rng(11)
     values = np.concatenate(

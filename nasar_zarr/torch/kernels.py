@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import normalize
+from nasar_zarr import normalize
 
 
 def _clip(x: Tensor, low: Tensor, high: Tensor, out: Tensor) -> Tensor:
