@@ -107,18 +107,15 @@ class CubeDataLoader(DataLoader):
     >>> loader.load_state_dict(state)        # resume: the next batch is the next sample
     """
 
-    def __init__(self, dataset: Any, **kwargs: Any) -> None:
-        workers = int(kwargs.get("num_workers") or 0)
-        flags = None
-        if isinstance(dataset, _CubeDataset) and workers > 0 and kwargs.get("persistent_workers"):
+    def __init__(self, dataset: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self._pool_flags: Tensor | None = None
+        self._pooled: list[tuple[int, list[Tensor]]] = []  # (tag, the batch's storages)
+        if isinstance(dataset, _CubeDataset) and self.num_workers > 0 and self.persistent_workers:
             # the workers' batch buffer pools: reused once nothing here holds the batch
-            flags = torch.zeros((workers, POOL_SLOTS), dtype=torch.uint8).share_memory_()
-            kwargs["worker_init_fn"] = functools.partial(
-                _start_pool, flags, kwargs.get("worker_init_fn")
-            )
-        super().__init__(dataset, **kwargs)
-        self._pool_flags = flags
-        self._pooled: list[tuple[int, Tensor]] = []  # (tag, a view of the batch's buffer)
+            flags = torch.zeros((self.num_workers, POOL_SLOTS), dtype=torch.uint8)
+            self._pool_flags = flags.share_memory_()
+            self.worker_init_fn = functools.partial(_start_pool, flags, self.worker_init_fn)
 
     def __iter__(self) -> Any:  # a _Delivering, not a _BaseDataLoaderIter
         return _Delivering(super().__iter__(), self)
@@ -131,13 +128,17 @@ class CubeDataLoader(DataLoader):
         tag = int(tag if isinstance(tag, int) else torch.as_tensor(tag).reshape(-1)[0])
         if tag < 0 or self._pool_flags is None:
             return
+        # Empty tensors of our own on each storage the batch's tensors use (not views: a
+        # view keeps its base alive); the batch's tensors are the user's to keep or drop.
+        refs: dict[int, Tensor] = {}
         for value in batch.values():
             if isinstance(value, torch.Tensor) and value.is_shared():
-                # an empty tensor of our own on the same storage (not a view: a view keeps
-                # its base alive); the batch's tensors are the user's to keep or drop
-                ref = torch.empty(0, dtype=torch.uint8).set_(value.untyped_storage(), 0, (0,), (1,))
-                self._pooled.append((tag, ref))
-                return
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in refs:
+                    ref = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (0,), (1,))
+                    refs[storage.data_ptr()] = ref
+        if refs:
+            self._pooled.append((tag, list(refs.values())))
 
     def _release(self) -> None:
         """Hand back the buffers of batches nothing in this process references any more."""
@@ -145,12 +146,12 @@ class CubeDataLoader(DataLoader):
             return
         flags = self._pool_flags.view(-1)
         kept = []
-        for tag, view in self._pooled:
-            # our view and the temporary storage object: no one else holds the storage
-            if torch._C._storage_Use_Count(view.untyped_storage()._cdata) <= 2:
+        for tag, refs in self._pooled:
+            # our tensor and the temporary storage object: no one else holds the storage
+            if all(torch._C._storage_Use_Count(r.untyped_storage()._cdata) <= 2 for r in refs):
                 flags[tag] = 1
             else:
-                kept.append((tag, view))
+                kept.append((tag, refs))
         self._pooled = kept
 
     def _shard_sampler(self) -> ShardAwareSampler | None:
