@@ -39,7 +39,9 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
         " pip install torch --index-url https://download.pytorch.org/whl/cpu)"
     ) from err
 
-from .datasets import DTYPES, PRECISIONS, RAW_PREFIX, InSARDataset, RTCDataset, _plan_reads, _runs  # noqa: F401  (tests, benchmarks)
+from .datasets import DTYPES, PRECISIONS, RAW_PREFIX, InSARDataset, RTCDataset
+from .datasets import _plan_reads as _plan_reads  # re-exported for tests and benchmarks
+from .datasets import _runs as _runs
 from .loader import CubeDataLoader, collate, dataloader, safe_start_method
 from .sampler import DEFAULT_WINDOW, ShardAwareSampler, shard_aware_order
 
