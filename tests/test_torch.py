@@ -902,3 +902,25 @@ def test_pooled_buffers_are_reused_only_once_released(small_cube, options):
     assert len(tags) == 24 and all(t >= 0 for t in tags)
     assert not set(tags[:8]) & set(tags[8:])  # held buffers stayed out of the pool
     assert len(set(tags[8:])) < 16  # released ones came back
+
+
+def test_metadata_columns_ride_along(small_cube, table):
+    ds = InSARDataset(
+        str(small_cube), stack=True, metadata=["quality_score", "track", "orbit_direction"]
+    )
+    order = [7, 0, 30]
+    batch = collate(ds.__getitems__(order))
+    assert batch["quality_score"].dtype == torch.float64
+    assert batch["quality_score"].tolist() == table.quality_score[order].tolist()
+    assert batch["track"].tolist() == table.track[order].tolist()
+    assert batch["orbit_direction"] == table.orbit_direction[order].tolist()
+    loader = dataloader(ds, batch_size=8, num_workers=1)
+    first = next(iter(loader))
+    assert first["track"].tolist() == table.track[:8].tolist()
+    for name, why in (("nope", ""), ("sample_key", " (an item already has that key)")):
+        with pytest.raises(ValueError) as info:
+            RTCDataset(str(small_cube), metadata=[name])
+        assert str(info.value).startswith(
+            f"metadata={name!r}: not a per-sample column of the cube at {small_cube}{why};"
+            " its per-sample columns are ['burst_id', 'center_lat',"
+        )

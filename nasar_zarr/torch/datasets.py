@@ -183,6 +183,7 @@ class _CubeDataset(Dataset):
         device: Any,
         stack: bool,
         dtype: Any,
+        metadata: Sequence[str],
         group: Any,
     ) -> None:
         self.url = str(url)
@@ -246,6 +247,7 @@ class _CubeDataset(Dataset):
         self._reader: CubeReader | None = None
         self._reader_pid: int | None = None
         self._pool: _Pool | None = None  # set in the workers of a CubeDataLoader
+        self._metadata = self._read_metadata(group, metadata)
 
     # --- what the outputs are
     def _output_keys(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -382,15 +384,37 @@ class _CubeDataset(Dataset):
             arrays = self._outputs(data, block)
         keys = np.asarray(self.reader.keys)[cube]
         tag = {} if pool is None else {POOL_KEY: block.tag}
+        meta = {name: column[cube].tolist() for name, column in self._metadata.items()}
         return [
             {
                 **{key: values[j] for key, values in arrays.items()},
                 "sample_key": str(keys[j]),
                 "index": int(cube[j]),
+                **{name: values[j] for name, values in meta.items()},
                 **tag,
             }
             for j in range(cube.size)
         ]
+
+    def _read_metadata(self, group: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The asked per-sample metadata columns of the cube, read once (read-only)."""
+        names = [str(name) for name in ([names] if isinstance(names, str) else names)]
+        taken = {*self.output_keys, "x", "sample_key", "index"}
+        columns = sorted(
+            k for k in group.array_keys() if group[k].shape == (self.cube_size,) and k != "status"
+        )
+        out = {}
+        for name in names:
+            if name in taken or name not in columns:
+                raise ValueError(
+                    f"metadata={name!r}: not a per-sample column of the cube at {self.url}"
+                    + (" (an item already has that key)" if name in taken else "")
+                    + f"; its per-sample columns are {columns}"
+                )
+            column = np.asarray(group[name][:])
+            column.flags.writeable = False
+            out[name] = column
+        return out
 
     def _read(self, cube: np.ndarray) -> dict[str, np.ndarray]:
         reader = self.reader
@@ -581,6 +605,10 @@ class RTCDataset(_CubeDataset):
     dtype
         ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16``:
         the float32 values rounded to nearest (even) once.
+    metadata
+        Per-sample columns of the cube (``quality_score``, ``track``,
+        ``prime_datetime``, ...) to add to each item under their names (numbers
+        collate to tensors, text to lists); read once, at construction.
 
     Examples
     --------
@@ -602,6 +630,7 @@ class RTCDataset(_CubeDataset):
         device: Any = None,
         stack: bool = False,
         dtype: Any = torch.float32,
+        metadata: Sequence[str] = (),
     ) -> None:
         super().__init__(
             url,
@@ -615,6 +644,7 @@ class RTCDataset(_CubeDataset):
             device=device,
             stack=stack,
             dtype=dtype,
+            metadata=metadata,
             group=_open_cube(str(url), storage_options),
         )
 
@@ -643,7 +673,8 @@ class InSARDataset(_CubeDataset):
         Patch-local ``(low, high)`` percentiles of the relief channel.
     slope_range
         Slope ``(low, high)`` in degrees mapped to [0, 1].
-    storage_options, indices, rtc_gain, rtc_ranges, engine, precision, device, stack, dtype
+    storage_options, indices, rtc_gain, rtc_ranges, engine, precision, device, stack, dtype,
+    metadata
         As in :class:`RTCDataset`.
 
     Examples
@@ -673,6 +704,7 @@ class InSARDataset(_CubeDataset):
         device: Any = None,
         stack: bool = False,
         dtype: Any = torch.float32,
+        metadata: Sequence[str] = (),
     ) -> None:
         self.dem_range = normalize._check_range("dem_range", dem_range)
         self.slope_range = normalize._check_range("slope_range", slope_range)
@@ -699,6 +731,7 @@ class InSARDataset(_CubeDataset):
             device=device,
             stack=stack,
             dtype=dtype,
+            metadata=metadata,
             group=group,
         )
 
