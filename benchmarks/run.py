@@ -71,6 +71,14 @@ GOALS: dict[str, tuple[str, float]] = {  # key: (comparison, target)
     "normalized_over_raw_cpu": ("<=", 1.1),
     "loader_over_wds_loader": (">=", 2.0),
     "loader_random_over_wds_loader": (">=", 1.0),
+    # trainer keys (issues 23, 24): benchmarks/loader_bench.py
+    "loader_fast_over_wds_loader": (">=", 3.5),
+    "loader_fork_over_forkserver": (">=", 0.9),
+    "first_batch_s": ("<=", 1.0),
+    "train_over_min_loader_model": (">=", 0.85),
+    "loader_raw_ms_per_sample_worker": ("<=", 1.5),
+    "loader_stacked_over_dict": (">=", 2.0),
+    "gpu_train_vit_s_sps": (">=", 5000),
     "plan_bytes_over_corpus": ("<=", 0.01),
     "execute_bytes_over_corpus": ("<=", 1.05),
     "requests_per_shard_object_written": ("<=", 3),
@@ -238,6 +246,8 @@ def merge_script(results: Path, name: str) -> dict[str, Any]:
     for k in GOALS:
         if k in data and not isinstance(data[k], dict):
             r[k] = data[k]
+    if isinstance(data.get("notes"), dict):
+        r.setdefault("notes", {}).update(data["notes"])
     r.setdefault("merged", {})[name] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": machine_info()["versions"]["nasar_zarr_commit"],
@@ -595,6 +605,13 @@ MAIN_ROWS = [
     ("normalized_over_raw_cpu", "CPU of normalized() over raw"),
     ("loader_over_wds_loader", ""),
     ("loader_random_over_wds_loader", ""),
+    ("loader_fast_over_wds_loader", "precision='fast'"),
+    ("loader_fork_over_forkserver", ""),
+    ("first_batch_s", ""),
+    ("train_over_min_loader_model", "small CPU model"),
+    ("loader_raw_ms_per_sample_worker", ""),
+    ("loader_stacked_over_dict", "stacked bf16 over dict f32"),
+    ("gpu_train_vit_s_sps", "GPU machine, ViT-S/16"),
 ]
 
 

@@ -2,21 +2,27 @@
 
 xarray/dask is the analysis path; a training loop wants one sample (or a batch)
 in about a millisecond. :class:`CubeReader` reads every variable of the asked
-samples at once through tensorstore when it is installed and the store is
-local (measured ~2x zarr-python for scans and ~10x for single samples), and
-through zarr-python otherwise.
+samples at once. For a local store the default engine, ``"shards"``, decodes
+the Zarr shards directly (:func:`nasar_zarr.backend.read_rows`: one call per
+variable, only the inner chunks that hold the samples, no state, threads or
+open files left behind), so a reader keeps working in a process forked after
+it read (a PyTorch ``DataLoader`` with the ``fork`` start method). Remote
+stores are read through zarr-python; ``engine="tensorstore"`` and
+``engine="zarr"`` stay available.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import schema, source, store
+from . import backend, schema, source, store
 
 DEFAULT_VARIABLES = (*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS)
+ENGINES = ("shards", "tensorstore", "zarr")
 
 
 class CubeReader:
@@ -29,10 +35,19 @@ class CubeReader:
     variables
         Variables to read (default: all data variables, ``rtc_present`` and ``status``).
     engine
-        ``"tensorstore"``, ``"zarr"``, or ``None`` to pick tensorstore when it is
-        installed and the store is local.
+        ``"shards"`` (the stateless shard decoder of :mod:`nasar_zarr.backend`;
+        local stores), ``"tensorstore"`` (local stores; not usable in a process
+        forked after it started its threads), ``"zarr"`` (zarr-python), or
+        ``None``: ``"shards"`` for a local store whose arrays it decodes, else
+        ``"zarr"``.
     storage_options
         fsspec options for remote stores (zarr engine).
+
+    Attributes
+    ----------
+    fork_safe : bool
+        True when the reader holds nothing that a ``fork`` breaks (the
+        ``"shards"`` engine): a forked process may keep using it.
 
     Examples
     --------
@@ -48,18 +63,41 @@ class CubeReader:
         engine: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if engine not in (None, *ENGINES):
+            raise ValueError(
+                f"engine must be one of {', '.join(map(repr, ENGINES))} or None, got {engine!r}"
+            )
         group = store.open_group(url, storage_options)
         self.variables = tuple(variables)
         self.keys = store.read(group, schema.SAMPLE_DIM)
+        remote = source.is_remote(url)
+        root = url.split("://", 1)[1] if url.startswith("file://") else url
+        layouts: dict[str, backend.ArrayLayout | None] = {}
+        if engine in (None, "shards") and not remote:
+            layouts = {
+                name: backend.array_layout(store.array(group, name), os.path.join(root, name))
+                for name in self.variables
+            }
+        undecodable = [name for name, layout in layouts.items() if layout is None]
+        if engine == "shards" and (remote or undecodable):
+            what = f"{url!r} is remote" if remote else f"variable(s) {undecodable} use a codec"
+            raise ValueError(
+                f"engine='shards' decodes local stores in the converter's layouts, but {what}"
+                " it does not decode; use engine=None (picks zarr-python) or engine='zarr'"
+            )
         if engine is None:
-            engine = "tensorstore" if _has_tensorstore() and not source.is_remote(url) else "zarr"
+            engine = "shards" if layouts and not undecodable else "zarr"
         self.engine = engine
-        if engine == "tensorstore":
+        self.fork_safe = engine == "shards"
+        self._layouts: dict[str, backend.ArrayLayout] = {}
+        self._arrays: dict[str, Any] = {}
+        if engine == "shards":
+            self._layouts = {name: layout for name, layout in layouts.items() if layout}
+        elif engine == "tensorstore":
             import tensorstore as ts
 
-            root = url.split("://", 1)[1] if url.startswith("file://") else url
             context = ts.Context()
-            self._arrays: dict[str, Any] = {
+            self._arrays = {
                 name: ts.open(
                     {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{root}/{name}"}},
                     read=True,
@@ -67,35 +105,35 @@ class CubeReader:
                 ).result()
                 for name in self.variables
             }
-        elif engine == "zarr":
-            self._arrays = {name: store.array(group, name) for name in self.variables}
         else:
-            raise ValueError(f"engine must be 'tensorstore' or 'zarr', got {engine!r}")
+            self._arrays = {name: store.array(group, name) for name in self.variables}
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, index: int | slice | Sequence[int]) -> dict[str, np.ndarray]:
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Samples by position: an int drops the sample axis; a slice or list keeps it."""
         if isinstance(index, (int, np.integer)):
             return {name: values[0] for name, values in self[[int(index)]].items()}
         if isinstance(index, slice):
             return self._read(index)
-        rows = np.asarray(index, dtype=np.int64)
-        if self.engine == "tensorstore":
-            return self._read(rows)
-        return {
-            name: np.stack([arr[int(i)] for i in rows]) if len(rows) else arr[0:0]
-            for name, arr in self._arrays.items()
-        }
+        rows = np.asarray(index, dtype=np.int64).reshape(-1)
+        if self.engine == "zarr":
+            return {
+                name: np.stack([arr[int(i)] for i in rows]) if len(rows) else arr[0:0]
+                for name, arr in self._arrays.items()
+            }
+        return self._read(rows)
 
     def read_runs(self, runs: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
         """Several contiguous runs of samples in one go, concatenated along ``sample``.
 
-        With tensorstore each variable is one read of a virtual concatenation of
-        the runs (``tensorstore.concat``), and the reads of all variables are
-        issued before any is awaited; with zarr-python it is one read per run and
-        variable. A batch of a shuffled loader is a few runs of whole inner chunks.
+        With the ``"shards"`` engine each variable is one
+        :func:`~nasar_zarr.backend.read_rows` of the runs' positions (each inner
+        chunk decoded once); with tensorstore one read of a virtual concatenation
+        of the runs (``tensorstore.concat``), the reads of all variables issued
+        before any is awaited; with zarr-python one read per run and variable.
+        A batch of a shuffled loader is a few runs of whole inner chunks.
 
         Parameters
         ----------
@@ -120,6 +158,9 @@ class CubeReader:
                 raise IndexError(f"run ({start}, {stop}) is outside the cube's {n} samples")
         if len(bounds) == 1:
             return self._read(slice(*bounds[0]))
+        if self.engine == "shards":
+            rows = np.concatenate([np.arange(a, b) for a, b in bounds] or [np.zeros(0, np.int64)])
+            return self._read(rows)
         if self.engine == "tensorstore" and bounds:
             import tensorstore as ts
 
@@ -131,16 +172,10 @@ class CubeReader:
         parts = [self._read(slice(a, b)) for a, b in bounds or [(0, 0)]]
         return {name: np.concatenate([p[name] for p in parts]) for name in self._arrays}
 
-    def _read(self, selection: Any) -> dict[str, np.ndarray]:
+    def _read(self, selection: slice | np.ndarray) -> dict[str, np.ndarray]:
+        if self.engine == "shards":
+            return {name: backend.read_rows(lay, selection) for name, lay in self._layouts.items()}
         if self.engine == "tensorstore":
             futures = {name: arr[selection].read() for name, arr in self._arrays.items()}
             return {name: np.asarray(f.result()) for name, f in futures.items()}
         return {name: np.asarray(arr[selection]) for name, arr in self._arrays.items()}
-
-
-def _has_tensorstore() -> bool:
-    try:
-        import tensorstore  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 from nasar_zarr import store  # noqa: E402
 from nasar_zarr.reader import CubeReader  # noqa: E402
 from nasar_zarr.torch import (  # noqa: E402
+    CubeDataLoader,
     InSARDataset,
     RTCDataset,
     ShardAwareSampler,
@@ -281,7 +282,7 @@ def test_dataloader_two_workers_end_to_end(small_cube):
     reference = ds.__getitems__(list(range(32)))  # the parent reads first
     sampler = ShardAwareSampler(ds, seed=5)
     loader = dataloader(ds, batch_size=5, sampler=sampler, num_workers=2)
-    assert loader.multiprocessing_context.get_start_method() in ("forkserver", "spawn")
+    assert isinstance(loader, CubeDataLoader) and loader.multiprocessing_context is None
     assert loader.persistent_workers
     order = []
     for batch in loader:
@@ -292,15 +293,22 @@ def test_dataloader_two_workers_end_to_end(small_cube):
             for key in INSAR_KEYS:
                 assert torch.equal(batch[key][j], reference[i][key]), (i, key)
     assert order == sampler.epoch_indices(0).tolist()
+    forkserver = dataloader(ds, batch_size=8, num_workers=1, multiprocessing_context="forkserver")
+    assert forkserver.multiprocessing_context.get_start_method() == "forkserver"
+    assert [int(i) for b in forkserver for i in b["index"]] == list(range(32))
 
 
 FORK_SCRIPT = """
 import json, sys, warnings
+warnings.simplefilter("error")
 from torch.utils.data import DataLoader
-from nasar_zarr.torch import RTCDataset
+from nasar_zarr.torch import RTCDataset, dataloader
 ds = RTCDataset(sys.argv[1], engine=sys.argv[2] if sys.argv[2] != "auto" else None)
-first = ds[0]["prime_rtc_view_0"]  # the parent reads: tensorstore threads run
-loader = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="fork")
+first = ds[0]["prime_rtc_view_0"]  # the parent reads first
+if sys.argv[3] == "plain":
+    loader = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="fork")
+else:  # ours, default start method, and no `if __name__ == "__main__":` guard
+    loader = dataloader(ds, batch_size=8, num_workers=2)
 out = {"n": 0, "equal": None}
 for batch in loader:
     out["n"] += len(batch["index"])
@@ -310,25 +318,175 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("engine", ["auto", "tensorstore"])
-def test_fork_after_parent_read_works_or_fails_clearly(small_cube, engine):
+@pytest.mark.parametrize(
+    "engine,how", [("auto", "plain"), ("auto", "ours"), ("tensorstore", "plain")]
+)
+def test_fork_after_parent_read(small_cube, tmp_path, engine, how):
+    script = tmp_path / "train.py"  # a script file, as users run them
+    script.write_text(textwrap.dedent(FORK_SCRIPT))
     run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FORK_SCRIPT), str(small_cube), engine],
+        [sys.executable, str(script), str(small_cube), engine, how],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    if engine == "auto":  # falls back to zarr-python in the forked workers, with a warning
+    if engine == "auto":  # the shard reader: no fallback, no warning, items equal
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout.splitlines()[-1]) == {"n": 32, "equal": True}
-        assert "was forked after tensorstore started its threads" in run.stderr
-        assert "Reading through zarr-python instead" in run.stderr
+        assert "Warning" not in run.stderr, run.stderr
     else:  # explicitly tensorstore: a clear error, not a hang and not an abort
         assert run.returncode == 1
         assert (
             "RTCDataset(engine='tensorstore'): this process was forked after tensorstore"
             " started its threads"
         ) in run.stderr
+
+
+# ------------------------------------------------ outputs own their memory, indices, errors
+
+
+def _assert_keys_independent(items_or_batch, keys):
+    """Mutating one key in place changes no other key (nor another item's)."""
+    groups = items_or_batch if isinstance(items_or_batch, list) else [items_or_batch]
+    before = [{k: g[k].clone() for k in keys} for g in groups]
+    for gi, group in enumerate(groups):
+        for key in keys:
+            group[key].add_(1000.0)
+            for gj, other in enumerate(groups):
+                for k in keys:
+                    if (gi, key) != (gj, k):
+                        assert torch.equal(other[k], before[gj][k]), (gi, key, gj, k)
+            group[key].copy_(before[gi][key])
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_outputs_own_their_memory(small_cube, stack):
+    ds = InSARDataset(str(small_cube), stack=stack)
+    keys = ["x"] if stack else INSAR_KEYS
+    items = ds.__getitems__([3, 4, 10])
+    _assert_keys_independent(items, keys)
+    _assert_keys_independent(collate(items), keys)
+    loader = dataloader(ds, batch_size=4, num_workers=1)
+    batches = [b for b, _ in zip(loader, range(2), strict=False)]
+    for batch in batches:
+        _assert_keys_independent(batch, keys)
+    per_batch = [{b[k].untyped_storage().data_ptr() for k in keys} for b in batches]
+    assert not per_batch[0] & per_batch[1]  # no storage shared between batches
+
+
+def test_index_types(small_cube):
+    ds = RTCDataset(str(small_cube), indices=[5, 6, 7, 8])
+    want = ds[3]["prime_rtc_view_0"]
+    for index in (3, np.int64(3), np.array(3), torch.tensor(3), torch.tensor([3]), -1):
+        got = ds[index]
+        assert got["index"] == 8 and torch.equal(got["prime_rtc_view_0"], want), index
+    for index in (True, np.bool_(False), torch.tensor(True)):
+        with pytest.raises(TypeError, match="index must be an integer, got the boolean"):
+            ds[index]
+    with pytest.raises(TypeError, match=r"index must be an integer \(int, numpy integer or"):
+        ds[1.0]
+    with pytest.raises(TypeError, match="indices must be integer item positions, got bool"):
+        ds.__getitems__([True, False])
+    assert [it["index"] for it in ds.__getitems__(torch.tensor([2, 0]))] == [7, 5]
+
+
+def test_not_a_cube(small_corpus, tmp_path):
+    from nasar_zarr.errors import NotACubeError
+
+    corpus = str(small_corpus.root)
+    with pytest.raises(NotACubeError) as info:
+        InSARDataset(corpus)
+    assert str(info.value) == (
+        f"{corpus} holds no nasar-zarr cube (no Zarr group with rtc, status and sample); it"
+        " looks like the NA-SAR WebDataset corpus (tars and metadata.parquet): convert it"
+        f" first with `nasar-zarr convert {corpus} DEST` and pass DEST"
+    )
+    assert isinstance(info.value, FileNotFoundError)
+    for path in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(NotACubeError) as info:
+            RTCDataset(str(path))
+        assert str(info.value) == (
+            f"{path} holds no nasar-zarr cube (no Zarr group with rtc, status and sample);"
+            " pass the output of `nasar-zarr convert SRC DEST`"
+        )
+
+
+# ------------------------------------------------ resume through loaders
+
+
+def _indices(batches):
+    return [int(i) for b in batches for i in b["index"]]
+
+
+@pytest.mark.parametrize("stop", [1, 3, 6])
+def test_resume_through_our_loader(small_cube, stop):
+    def make():
+        ds = RTCDataset(str(small_cube))
+        sampler = ShardAwareSampler(ds, seed=3)
+        sampler.set_epoch(1)
+        return sampler, dataloader(ds, batch_size=4, sampler=sampler, num_workers=2)
+
+    sampler, loader = make()
+    full = sampler.epoch_indices().tolist()
+    it = iter(loader)
+    head = [next(it) for _ in range(stop)]
+    state = loader.state_dict()
+    assert state["sampler"]["position"] == 4 * stop  # not what the workers read ahead
+    assert sampler.state_dict() == state["sampler"]  # the sampler's own state agrees
+    del it
+    sampler2, loader2 = make()
+    loader2.load_state_dict(json.loads(json.dumps(state)))
+    sampler2.set_epoch(1)
+    assert _indices(head) + _indices(loader2) == full
+    assert loader2.state_dict()["sampler"]["position"] == 32  # the epoch is done
+    sampler2.set_epoch(2)
+    assert _indices(loader2) == sampler2.epoch_indices(2).tolist()
+
+
+def test_sampler_state_refuses_a_plain_loaders_read_ahead(rtc_ds):
+    from torch.utils.data import DataLoader
+
+    sampler = ShardAwareSampler(rtc_ds, seed=3)
+    loader = DataLoader(rtc_ds, batch_size=4, sampler=sampler, num_workers=2)
+    it = iter(loader)
+    [next(it) for _ in range(2)]
+    with pytest.raises(
+        ValueError,
+        match=r"ShardAwareSampler.state_dict\(\) without samples_consumed while a DataLoader"
+        r" with 2 workers draws from it: it has handed out \d+ positions, more than your loop"
+        r" has consumed .* or pass samples_consumed=",
+    ):
+        sampler.state_dict()
+    assert sampler.state_dict(samples_consumed=8)["position"] == 8
+    single = ShardAwareSampler(rtc_ds, seed=3)  # no workers: nothing read ahead
+    it = iter(DataLoader(rtc_ds, batch_size=4, sampler=single))
+    [next(it) for _ in range(2)]
+    assert single.state_dict()["position"] == 8
+
+
+@pytest.mark.parametrize("stop", [2, 5])
+def test_resume_through_stateful_dataloader(small_cube, stop):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make():
+        ds = InSARDataset(str(small_cube), stack=True)
+        sampler = ShardAwareSampler(ds, seed=4)
+        loader = StatefulDataLoader(
+            ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=collate
+        )
+        return sampler, loader
+
+    sampler, loader = make()
+    full = sampler.epoch_indices(0).tolist()
+    it = iter(loader)
+    head = [next(it) for _ in range(stop)]
+    state = loader.state_dict()
+    del it
+    _, loader2 = make()
+    loader2.load_state_dict(state)
+    rest = list(loader2)
+    assert _indices(head) + _indices(rest) == full
+    assert rest[0]["x"].shape == (4, 22, 128, 128)
 
 
 # ------------------------------------------------ sampler
@@ -505,3 +663,264 @@ def test_collate_takes_batch_buffers_without_copy(small_cube):
     mixed = [items[1], ds[0]]  # rows of two batches: stacked, as default_collate does
     assert torch.equal(collate(mixed)["ifg_view_1"], default_collate(mixed)["ifg_view_1"])
     assert collate([1, 2]).tolist() == [1, 2]
+
+
+# ------------------------------------------------ fast transforms, device, stack, half
+
+
+def _around_thresholds(gain=20.0, ranges=((0.15, 2.39), (0.01, 1.09)), steps=1500):
+    """Raw RTC values whose log1p(gain x) lies at and around each clip threshold."""
+    out = []
+    for lo, hi in ranges:
+        for t in (lo, hi):
+            x0 = np.float32(np.expm1(np.float64(t)) / gain)
+            out.append(x0 + np.arange(-steps, steps, dtype=np.float32) * np.spacing(x0))
+    return np.concatenate(out)
+
+
+def test_fast_rtc_kernel_within_one_ulp_of_exact():
+    from nasar_zarr import normalize
+    from nasar_zarr.torch import kernels as fast
+
+    rng = np.random.default_rng(11)
+    values = np.concatenate(
+        [
+            _around_thresholds(),
+            rng.gamma(1.0, 0.1, 150_000).astype(np.float32),
+            rng.uniform(0, 1e3, 50_000).astype(np.float32),
+            np.array([0.0, -0.0, 1e-30, np.inf], np.float32),
+        ]
+    )
+    x = np.resize(values, (values.size // 64 + 1) * 64).reshape(-1, 2, 2, 2, 2, 4)
+    x[0, 0, 0, 1] = 0.0  # a missing polarization stays exactly 0
+    x[1] = np.nan  # an unwritten sample stays NaN
+    present = x.any(axis=(-2, -1)) | np.isnan(x).any(axis=(-2, -1))
+    low = np.array([0.15, 0.01], np.float32)[:, None, None]
+    high = np.array([2.39, 1.09], np.float32)[:, None, None]
+    exact = normalize.rtc_kernel(x, present[..., None, None], low, high, gain=np.float32(20))
+    got = torch.empty(x.shape)
+    fast.rtc(
+        torch.from_numpy(x),
+        torch.from_numpy(present)[..., None, None],
+        torch.from_numpy(low),
+        torch.from_numpy(high),
+        gain=20.0,
+        out=got,
+    )
+    got_np = got.numpy()
+    assert np.array_equal(np.isnan(got_np), np.isnan(exact))
+    finite = ~np.isnan(exact)
+    # within one ulp of the output range's top (2**-23): log1p is the one step that differs
+    assert np.abs(got_np[finite].astype(np.float64) - exact[finite]).max() <= 2.0**-23
+    assert not got_np[0, 0, 0, 1].any()
+    assert (got_np[finite] == exact[finite]).mean() > 0.85  # mostly bit for bit
+
+
+def test_fast_precision_and_device_equal_exact_but_rtc(small_cube):
+    exact = InSARDataset(str(small_cube))
+    fast = InSARDataset(str(small_cube), precision="fast")
+    on_cpu = InSARDataset(str(small_cube), precision="fast", device="cpu")
+    order = [5, 30, 2, 2]
+    want = exact.__getitems__(order)
+    got = fast.__getitems__(order)
+    via_device = on_cpu.__getitems__(order)
+    for a, b, c in zip(want, got, via_device, strict=True):
+        for key in INSAR_KEYS:
+            assert torch.equal(b[key], c[key]), key  # the same kernels wherever they run
+            if key in RTC_KEYS:
+                assert (b[key].double() - a[key].double()).abs().max() <= 2.0**-23, key
+            else:
+                assert b[key].numpy().tobytes() == a[key].numpy().tobytes(), key
+    # device=: workers only read; the loader transforms each batch on the device
+    sampler = ShardAwareSampler(on_cpu, seed=2)
+    loader = dataloader(on_cpu, batch_size=6, sampler=sampler, num_workers=2)
+    for batch in loader:
+        assert not any(k.startswith("raw/") for k in batch)
+        ref = collate(fast.__getitems__(batch["index"].tolist()))
+        for key in INSAR_KEYS:
+            assert torch.equal(batch[key], ref[key]), key
+    with pytest.raises(ValueError, match="device='cpu' runs the fast transforms on that device"):
+        InSARDataset(str(small_cube), device="cpu")
+    with pytest.raises(ValueError, match="precision must be 'exact' or 'fast', got 'half'"):
+        InSARDataset(str(small_cube), precision="half")
+
+
+@pytest.mark.parametrize("cls", [RTCDataset, InSARDataset])
+def test_stack_is_the_concatenation_of_the_keys(small_cube, cls):
+    plain = cls(str(small_cube))
+    stacked = cls(str(small_cube), stack=True)
+    keys = RTC_KEYS if cls is RTCDataset else INSAR_KEYS
+    assert stacked.output_keys == tuple(keys)
+    assert len(stacked.channels) == (8 if cls is RTCDataset else 22)
+    assert stacked.channels[:3] == (
+        "prime_rtc_view_0/co",
+        "prime_rtc_view_0/cross",
+        "secondary_rtc_view_0/co",
+    )
+    if cls is InSARDataset:
+        assert stacked.channels[8:14] == (
+            "inc_angle_view_0",
+            "inc_angle_view_1",
+            "ifg_view_0/cos",
+            "ifg_view_0/sin",
+            "ifg_view_1/cos",
+            "ifg_view_1/sin",
+        )
+        assert stacked.channels[-2:] == ("slope_view_0", "slope_view_1")
+    order = [9, 3, 3, 31]
+    want = collate(plain.__getitems__(order))
+    cat = torch.cat([want[key] for key in keys], dim=1)
+    batch = collate(stacked.__getitems__(order))
+    assert sorted(batch) == ["index", "sample_key", "x"]
+    assert batch["x"].dtype == torch.float32 and batch["x"].is_contiguous()
+    assert batch["x"].numpy().tobytes() == cat.numpy().tobytes()
+    for dtype in (torch.bfloat16, torch.float16):
+        half = cls(str(small_cube), stack=True, dtype=dtype)
+        x = collate(half.__getitems__(order))["x"]
+        assert x.dtype == dtype and torch.equal(x, cat.to(dtype))  # round to nearest, once
+        per_key = cls(str(small_cube), dtype=dtype).__getitems__(order)[1]
+        assert all(torch.equal(per_key[k], want[k][1].to(dtype)) for k in keys)
+    with pytest.raises(ValueError, match="dtype must be torch.float32, torch.bfloat16 or"):
+        cls(str(small_cube), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("context", [None, "forkserver"])
+def test_stacked_loader_and_a_training_step(small_cube, context):
+    ds = InSARDataset(str(small_cube), stack=True, dtype=torch.bfloat16)
+    sampler = ShardAwareSampler(ds, seed=0)
+    loader = dataloader(
+        ds, batch_size=8, sampler=sampler, num_workers=2, multiprocessing_context=context
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(22, 4, 3, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(1)
+    )
+    model(torch.zeros(1, 22, 128, 128))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    start = [p.detach().clone() for p in model.parameters()]
+    seen, storages, kept = [], set(), []
+    for batch in loader:
+        x = batch["x"]
+        assert x.shape[1:] == (22, 128, 128) and x.dtype == torch.bfloat16
+        storages.add(x.untyped_storage().data_ptr())
+        kept.append(x)  # held, so that no address is reused
+        loss = model(x.float()).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+        seen += batch["index"].tolist()
+    assert seen == sampler.epoch_indices(0).tolist()
+    assert len(storages) == 4  # every batch its own buffer
+    assert all(not torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from nasar_zarr.torch import InSARDataset, ShardAwareSampler, dataloader
+
+def run(rank, url, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ds = InSARDataset(url, stack=True, dtype=torch.bfloat16)
+    sampler = ShardAwareSampler(ds, seed=1)  # ranks from the process group
+    loader = dataloader(ds, batch_size=4, sampler=sampler, num_workers=1)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Conv2d(22, 2, 8, stride=8), torch.nn.Flatten(),
+                            torch.nn.Linear(512, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    seen = []
+    for batch in loader:
+        loss = model(batch["x"].float()).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += batch["index"].tolist()
+    weights = [p.detach().flatten()[:4].tolist() for p in model.parameters()]
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"seen": seen, "share": sampler.epoch_indices(0).tolist(),
+                   "weights": weights}, f)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, args=tuple(sys.argv[1:4]), nprocs=2)
+"""
+
+
+def test_stacked_loader_under_ddp(small_cube, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    out = tmp_path / "rank"
+    run = subprocess.run(
+        [sys.executable, str(script), str(small_cube), port, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank.{r}").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["seen"] == r["share"] and len(r["seen"]) == 16
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(32))  # disjoint, covering
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas in step
+
+
+@pytest.mark.parametrize("options", [{"stack": True}, {}, {"precision": "fast", "device": "cpu"}])
+def test_pooled_buffers_are_reused_only_once_released(small_cube, options):
+    ds = InSARDataset(str(small_cube), **options)
+    keys = ["x"] if options.get("stack") else INSAR_KEYS
+    reference = ds.__getitems__(list(range(32)))
+    sampler = ShardAwareSampler(ds, seed=0)
+    loader = dataloader(ds, batch_size=4, sampler=sampler, num_workers=2)
+    tags = []
+    hold = loader._hold
+
+    def spy(batch):
+        tags.append(batch.get("_buffer"))
+        hold(batch)
+
+    loader._hold = spy
+    kept = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            assert "_buffer" not in batch
+            if epoch == 0:
+                kept.append(batch)  # held by the loop: their buffers must never be reused
+    for batch in kept:
+        for j, i in enumerate(batch["index"].tolist()):
+            for key in keys:
+                assert torch.equal(batch[key][j], reference[i][key]), (i, key)
+    assert len(tags) == 24 and all(t >= 0 for t in tags)
+    assert not set(tags[:8]) & set(tags[8:])  # held buffers stayed out of the pool
+    assert len(set(tags[8:])) < 16  # released ones came back
+
+
+def test_metadata_columns_ride_along(small_cube, table):
+    ds = InSARDataset(
+        str(small_cube), stack=True, metadata=["quality_score", "track", "orbit_direction"]
+    )
+    order = [7, 0, 30]
+    batch = collate(ds.__getitems__(order))
+    assert batch["quality_score"].dtype == torch.float64
+    assert batch["quality_score"].tolist() == table.quality_score[order].tolist()
+    assert batch["track"].tolist() == table.track[order].tolist()
+    assert batch["orbit_direction"] == table.orbit_direction[order].tolist()
+    loader = dataloader(ds, batch_size=8, num_workers=1)
+    first = next(iter(loader))
+    assert first["track"].tolist() == table.track[:8].tolist()
+    for name, why in (("nope", ""), ("sample_key", " (an item already has that key)")):
+        with pytest.raises(ValueError) as info:
+            RTCDataset(str(small_cube), metadata=[name])
+        assert str(info.value).startswith(
+            f"metadata={name!r}: not a per-sample column of the cube at {small_cube}{why};"
+            " its per-sample columns are ['burst_id', 'center_lat',"
+        )
