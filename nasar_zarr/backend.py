@@ -543,10 +543,12 @@ os.register_at_fork(after_in_child=INDEX_CACHE._reset)
 def _fetch(jobs: Sequence[tuple[ArrayLayout, dict[int, np.ndarray]]]) -> list[Fetched]:
     """The encoded bytes of the inner chunks ``jobs`` need, from their remote store.
 
-    Round 1 reads the shard indexes not yet cached (a suffix range each, all at
-    once; an object whose every chunk is needed is read whole instead, in that
-    same round). Round 2 reads every needed chunk (ranges coalesced, concurrent,
-    each with the object's ETag as ``If-Match``). Unsharded objects are read whole.
+    Objects whose index is not cached yet are read first (a suffix range for the
+    index, or the whole object when all its chunks are needed), all at once;
+    then every needed chunk of an indexed object (ranges coalesced, concurrent,
+    each with the object's ETag as ``If-Match``). Unsharded objects are read
+    whole. With every index cached, all of it is one concurrent round: one round
+    trip of latency for a batch of any number of variables.
     """
     results: list[Fetched] = [{} for _ in jobs]
     location = next(layout.location for layout, _ in jobs if layout.location is not None)
@@ -562,10 +564,21 @@ def _fetch(jobs: Sequence[tuple[ArrayLayout, dict[int, np.ndarray]]]) -> list[Fe
                 rows_here = layout.shape[0] - obj * layout.shard
                 everything = len(chunks) >= min(per_shard, -(-rows_here // layout.inner))
                 (wholes if everything else tails).append((j, obj, key))
-    got_tails = location.tails([k for _, _, k in tails], _index_bytes(jobs, tails))
-    got_wholes = location.whole([k for _, _, k in wholes])
-    for (j, _, key), tail in zip(tails, got_tails, strict=True):
-        _remember_index(jobs[j][0], key, tail, location)
+    if tails:  # the indexes first: the chunks' ranges are in them
+        got_tails, got_wholes, _ = location.round(
+            [k for _, _, k in tails], _index_bytes(jobs, tails), [k for _, _, k in wholes], []
+        )
+        for (j, _, key), tail in zip(tails, got_tails, strict=True):
+            _remember_index(jobs[j][0], key, tail, location)
+        requests, slots = _chunk_requests(jobs, results, location, whole=wholes)
+        data = _ranges(location, requests)
+    else:  # every index known: the objects and the chunks in the same round
+        requests, slots = _chunk_requests(jobs, results, location, whole=wholes)
+        try:
+            _, got_wholes, data = location.round([], 0, [k for _, _, k in wholes], requests)
+        except ObjectChangedError:
+            _forget(location, requests)
+            raise
     for (j, obj, key), whole in zip(wholes, got_wholes, strict=True):
         layout, needed = jobs[j]
         if whole is None:
@@ -577,13 +590,28 @@ def _fetch(jobs: Sequence[tuple[ArrayLayout, dict[int, np.ndarray]]]) -> list[Fe
             assert entry is not None
             view = memoryview(whole.data)
             results[j][obj] = {c: _slice(entry, c, view, layout, obj) for c in needed[obj].tolist()}
+    for (j, obj, c), chunk in zip(slots, data, strict=True):
+        results[j][obj][c] = chunk
+    return results
+
+
+def _chunk_requests(
+    jobs: Sequence[tuple[ArrayLayout, dict[int, np.ndarray]]],
+    results: list[Fetched],
+    location: Location,
+    *,
+    whole: list[tuple[int, int, str]],
+) -> tuple[list[tuple[str, int, int, str | None]], list[tuple[int, int, int]]]:
+    """The byte ranges of the needed chunks of indexed objects (fill values recorded in
+    ``results`` for empty chunks and absent objects); objects in ``whole`` are skipped."""
+    skip = {(j, obj) for j, obj, _ in whole}
     requests: list[tuple[str, int, int, str | None]] = []
     slots: list[tuple[int, int, int]] = []
     for j, (layout, needed) in enumerate(jobs):
         if not layout.sharded:
             continue
         for obj, chunks in needed.items():
-            if obj in results[j]:
+            if (j, obj) in skip:
                 continue
             key = layout.object_key(obj)
             entry = INDEX_CACHE.get((location.url, key))
@@ -602,15 +630,22 @@ def _fetch(jobs: Sequence[tuple[ArrayLayout, dict[int, np.ndarray]]]) -> list[Fe
                     )
                 requests.append((key, offset, offset + nbytes, entry.version))
                 slots.append((j, obj, c))
+    return requests, slots
+
+
+def _ranges(
+    location: Location, requests: list[tuple[str, int, int, str | None]]
+) -> list[bytes | memoryview]:
     try:
-        data = location.ranges(requests)
+        return location.ranges(requests)
     except ObjectChangedError:
-        for key, *_ in requests:  # the next read starts from the new version's index
-            INDEX_CACHE.drop((location.url, key))
+        _forget(location, requests)
         raise
-    for (j, obj, c), chunk in zip(slots, data, strict=True):
-        results[j][obj][c] = chunk
-    return results
+
+
+def _forget(location: Location, requests: list[tuple[str, int, int, str | None]]) -> None:
+    for key, *_ in requests:  # the next read starts from the new version's index
+        INDEX_CACHE.drop((location.url, key))
 
 
 def _index_bytes(

@@ -93,6 +93,8 @@ class Location:
         """The last ``nbytes`` of each object (fewer if it is shorter); None if absent."""
         if not self.remote:
             return [_local_tail(self.path(k), nbytes) for k in keys]
+        if not keys:
+            return []
         return self._run(self._tails, list(keys), nbytes)
 
     def ranges(
@@ -113,10 +115,40 @@ class Location:
             return [_local_range(self.path(k), a, b) for k, a, b, _ in requests]
         return self._run(self._ranges, list(requests))
 
+    def round(
+        self,
+        tail_keys: Sequence[str],
+        nbytes: int,
+        whole_keys: Sequence[str],
+        requests: Sequence[tuple[str, int, int, str | None]],
+    ) -> tuple[list[Tail | None], list[Tail | None], list[bytes | memoryview]]:
+        """:meth:`tails`, :meth:`whole` and :meth:`ranges` at once: one round trip."""
+        if not self.remote:
+            return self.tails(tail_keys, nbytes), self.whole(whole_keys), self.ranges(requests)
+        return self._run(self._round, list(tail_keys), nbytes, list(whole_keys), list(requests))
+
+    async def _round(
+        self,
+        fs: Any,
+        tail_keys: list[str],
+        nbytes: int,
+        whole_keys: list[str],
+        requests: list[tuple[str, int, int, str | None]],
+    ) -> tuple[list[Tail | None], list[Tail | None], list[bytes | memoryview]]:
+        limit = asyncio.Semaphore(MAX_IN_FLIGHT)  # one bound for the whole round
+        tails, wholes, data = await asyncio.gather(
+            self._tails(fs, tail_keys, nbytes, limit),
+            self._wholes(fs, whole_keys, limit),
+            self._ranges(fs, requests, limit),
+        )
+        return tails, wholes, data
+
     def whole(self, keys: Sequence[str]) -> list[Tail | None]:
         """Each object whole (one GET each) with its size and version; None if absent."""
         if not self.remote:
             return [_local_tail(self.path(k), -1) for k in keys]
+        if not keys:
+            return []
         return self._run(self._wholes, list(keys))
 
     # -- remote -----------------------------------------------------------------------
@@ -128,8 +160,10 @@ class Location:
             return _blocking(method.__name__, fs, self, *args)
         return sync(fs.loop, method, fs, *args)
 
-    async def _tails(self, fs: Any, keys: list[str], nbytes: int) -> list[Tail | None]:
-        limit = asyncio.Semaphore(MAX_IN_FLIGHT)
+    async def _tails(
+        self, fs: Any, keys: list[str], nbytes: int, limit: asyncio.Semaphore | None = None
+    ) -> list[Tail | None]:
+        limit = limit or asyncio.Semaphore(MAX_IN_FLIGHT)
 
         async def one(key: str) -> Tail | None:
             async with limit:
@@ -137,8 +171,10 @@ class Location:
 
         return list(await asyncio.gather(*(one(k) for k in keys)))
 
-    async def _wholes(self, fs: Any, keys: list[str]) -> list[Tail | None]:
-        limit = asyncio.Semaphore(MAX_IN_FLIGHT)
+    async def _wholes(
+        self, fs: Any, keys: list[str], limit: asyncio.Semaphore | None = None
+    ) -> list[Tail | None]:
+        limit = limit or asyncio.Semaphore(MAX_IN_FLIGHT)
 
         async def one(key: str) -> Tail | None:
             async with limit:
@@ -147,10 +183,13 @@ class Location:
         return list(await asyncio.gather(*(one(k) for k in keys)))
 
     async def _ranges(
-        self, fs: Any, requests: list[tuple[str, int, int, str | None]]
+        self,
+        fs: Any,
+        requests: list[tuple[str, int, int, str | None]],
+        limit: asyncio.Semaphore | None = None,
     ) -> list[bytes | memoryview]:
         merged = coalesce(requests)
-        limit = asyncio.Semaphore(MAX_IN_FLIGHT)
+        limit = limit or asyncio.Semaphore(MAX_IN_FLIGHT)
 
         async def one(key: str, start: int, end: int, version: str | None) -> bytes:
             async with limit:
@@ -302,6 +341,13 @@ async def _get_generic(
 
 def _blocking(method: str, fs: Any, where: Location, *args: Any) -> Any:
     """The seam over a synchronous fsspec filesystem (no concurrency, no ETag check)."""
+    if method == "_round":
+        tail_keys, nbytes, whole_keys, requests = args
+        return (
+            _blocking("_tails", fs, where, tail_keys, nbytes),
+            _blocking("_wholes", fs, where, whole_keys),
+            _blocking("_ranges", fs, where, requests),
+        )
     if method == "_tails":
         keys, nbytes = args
         out: list[Tail | None] = []

@@ -2,24 +2,25 @@
 
 xarray/dask is the analysis path; a training loop wants one sample (or a batch)
 in about a millisecond. :class:`CubeReader` reads every variable of the asked
-samples at once. For a local store the default engine, ``"shards"``, decodes
-the Zarr shards directly (:func:`nasar_zarr.backend.read_rows`: one call per
-variable, only the inner chunks that hold the samples, no state, threads or
-open files left behind), so a reader keeps working in a process forked after
-it read (a PyTorch ``DataLoader`` with the ``fork`` start method). Remote
-stores are read through zarr-python; ``engine="tensorstore"`` and
-``engine="zarr"`` stay available.
+samples at once. The default engine, ``"shards"``, decodes the Zarr shards
+directly, local or remote (:func:`nasar_zarr.backend.read_many`: every
+variable of a batch at once, only the inner chunks that hold the samples; on
+S3/HTTPS the shard indexes once per process, then the chunks in one concurrent
+round of coalesced range GETs; no state, threads or open files left behind), so
+a reader keeps working in a process forked after it read (a PyTorch
+``DataLoader`` with the ``fork`` start method). ``engine="tensorstore"``
+(local) and ``engine="zarr"`` stay available.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import backend, schema, source, store
+from . import backend, schema, store
+from .ranges import Location
 
 DEFAULT_VARIABLES = (*schema.VARIABLES, schema.RTC_PRESENT, schema.STATUS)
 ENGINES = ("shards", "tensorstore", "zarr")
@@ -36,12 +37,11 @@ class CubeReader:
         Variables to read (default: all data variables, ``rtc_present`` and ``status``).
     engine
         ``"shards"`` (the stateless shard decoder of :mod:`nasar_zarr.backend`;
-        local stores), ``"tensorstore"`` (local stores; not usable in a process
-        forked after it started its threads), ``"zarr"`` (zarr-python), or
-        ``None``: ``"shards"`` for a local store whose arrays it decodes, else
-        ``"zarr"``.
+        local and remote stores), ``"tensorstore"`` (local stores; not usable in
+        a process forked after it started its threads), ``"zarr"`` (zarr-python),
+        or ``None``: ``"shards"`` where it decodes every array, else ``"zarr"``.
     storage_options
-        fsspec options for remote stores (zarr engine).
+        fsspec options for remote stores (e.g. ``{"endpoint_url": ...}`` for S3).
 
     Attributes
     ----------
@@ -70,20 +70,20 @@ class CubeReader:
         group = store.open_group(url, storage_options)
         self.variables = tuple(variables)
         self.keys = store.read(group, schema.SAMPLE_DIM)
-        remote = source.is_remote(url)
         root = url.split("://", 1)[1] if url.startswith("file://") else url
+        location = Location.of(url, storage_options)
         layouts: dict[str, backend.ArrayLayout | None] = {}
-        if engine in (None, "shards") and not remote:
+        if engine in (None, "shards"):
             layouts = {
-                name: backend.array_layout(store.array(group, name), os.path.join(root, name))
+                name: backend.array_layout(store.array(group, name), location.path(name), location)
                 for name in self.variables
             }
         undecodable = [name for name, layout in layouts.items() if layout is None]
-        if engine == "shards" and (remote or undecodable):
-            what = f"{url!r} is remote" if remote else f"variable(s) {undecodable} use a codec"
+        if engine == "shards" and undecodable:
             raise ValueError(
-                f"engine='shards' decodes local stores in the converter's layouts, but {what}"
-                " it does not decode; use engine=None (picks zarr-python) or engine='zarr'"
+                f"engine='shards' decodes the converter's layouts, but variable(s)"
+                f" {undecodable} use a codec it does not decode; use engine=None (picks"
+                " zarr-python) or engine='zarr'"
             )
         if engine is None:
             engine = "shards" if layouts and not undecodable else "zarr"
@@ -173,8 +173,10 @@ class CubeReader:
         return {name: np.concatenate([p[name] for p in parts]) for name in self._arrays}
 
     def _read(self, selection: slice | np.ndarray) -> dict[str, np.ndarray]:
-        if self.engine == "shards":
-            return {name: backend.read_rows(lay, selection) for name, lay in self._layouts.items()}
+        if self.engine == "shards":  # every variable in one go: two round trips when remote
+            names = list(self._layouts)
+            values = backend.read_many([(self._layouts[n], selection) for n in names])
+            return dict(zip(names, values, strict=True))
         if self.engine == "tensorstore":
             futures = {name: arr[selection].read() for name, arr in self._arrays.items()}
             return {name: np.asarray(f.result()) for name, f in futures.items()}

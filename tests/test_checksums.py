@@ -106,11 +106,21 @@ def test_tensorstore_refuses(damaged):
     assert np.isfinite(array[0:2].read().result()).all()
 
 
-@pytest.mark.parametrize("engine", [None, "tensorstore", "zarr"])
-def test_cube_reader_refuses(damaged, engine):
+@pytest.mark.parametrize(
+    "engine, error, message",
+    [
+        (None, CubeDamagedError, EXPECTED),
+        ("shards", CubeDamagedError, EXPECTED),
+        ("tensorstore", ValueError, "DATA_LOSS: .* Digest mismatch"),
+        ("zarr", ValueError, "Stored and computed checksum do not match"),
+    ],
+)
+def test_cube_reader_refuses(damaged, engine, error, message):
     reader = CubeReader(str(damaged), engine=engine)
-    with pytest.raises(ValueError, match="CRC-32C|checksum|Digest mismatch"):
+    with pytest.raises(error, match=message):
         reader[2]
+    with pytest.raises(error, match=message):
+        reader[[0, 3]]
 
 
 def test_verify_dest_names_the_damaged_chunk(damaged):

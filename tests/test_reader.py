@@ -56,7 +56,7 @@ def test_shards_engine_refuses_what_it_cannot_decode(small_cube, tmp_path):
     store.consolidate(str(dest))
     with pytest.raises(
         ValueError,
-        match=r"engine='shards' decodes local stores in the converter's layouts, but "
+        match=r"engine='shards' decodes the converter's layouts, but "
         r"variable\(s\) \['coh'\] use a codec it does not decode; use engine=None",
     ):
         CubeReader(str(dest), engine="shards")

@@ -193,3 +193,64 @@ def test_a_one_worker_two_thread_cluster_reduces_a_remote_cube(s3_cube, local):
         values = [float(f.result()) for f in got]
     expected = [float(local[v].astype("float64").sum()) for v in ("rtc", "coh", "dem")]
     assert values == expected
+
+
+def test_cube_reader_remote_equals_local_in_two_round_trips(http_cube, small_cube):
+    from nasar_zarr import CubeReader
+
+    url, server = http_cube
+    backend.INDEX_CACHE._reset()
+    remote, here = CubeReader(url), CubeReader(str(small_cube))
+    assert remote.engine == "shards" and remote.fork_safe
+    server.reset()
+    got = remote[[30, 2, 17, 3]]
+    requests = server.reset()
+    want = here[[30, 2, 17, 3]]
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].tobytes() == want[name].tobytes(), name
+    # round 1: the index of each touched shard of each variable; round 2: the chunks
+    assert {r.method for r in requests} == {"GET"}
+    assert remote[5]["rtc"].tobytes() == here[5]["rtc"].tobytes()
+    assert len(server.reset()) == 8  # indexes cached: one range per variable
+
+
+@pytest.mark.parametrize("kind", ["RTCDataset", "InSARDataset"])
+def test_datasets_on_a_remote_cube_equal_the_local_ones(kind, remote, small_cube):
+    torch = pytest.importorskip("torch")
+    from nasar_zarr import torch as nz_torch
+
+    url, options = remote
+    cls = getattr(nz_torch, kind)
+    far, near = cls(url, storage_options=options), cls(str(small_cube))
+    assert len(far) == len(near)
+    for got, want in zip(far.__getitems__([0, 9, 31]), near.__getitems__([0, 9, 31]), strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if torch.is_tensor(value):
+                assert torch.equal(got[key], value), key
+            else:
+                assert got[key] == value, key
+
+
+def test_a_forked_dataloader_reads_a_remote_cube(http_cube, small_cube):
+    """PyTorch's default start method on Linux, after the parent read the remote cube."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from nasar_zarr.torch import InSARDataset
+
+    url, _ = http_cube
+    far, near = InSARDataset(url), InSARDataset(str(small_cube))
+    _ = far[0]  # the parent read first: index cache and fsspec client made here
+    loader = DataLoader(
+        far, batch_size=8, num_workers=2, multiprocessing_context="fork", shuffle=False
+    )
+    seen = 0
+    for batch in loader:
+        want = near.__getitems__(batch["index"].tolist())
+        for k, item in enumerate(want):
+            assert torch.equal(batch["coh_view_0"][k], item["coh_view_0"])
+            assert torch.equal(batch["prime_rtc_view_1"][k], item["prime_rtc_view_1"])
+        seen += len(batch["index"])
+    assert seen == len(near)

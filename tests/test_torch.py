@@ -397,18 +397,18 @@ def test_not_a_cube(small_corpus, tmp_path):
     with pytest.raises(NotACubeError) as info:
         InSARDataset(corpus)
     assert str(info.value) == (
-        f"{corpus} holds no nasar-zarr cube (no Zarr group with rtc, status and sample); it"
-        " looks like the NA-SAR WebDataset corpus (tars and metadata.parquet): convert it"
-        f" first with `nasar-zarr convert {corpus} DEST` and pass DEST"
+        f"{corpus}: not a nasar-zarr cube but a corpus to convert (tar shards and"
+        f" metadata.parquet); make a cube of it with `nasar-zarr convert {corpus} DEST`"
     )
     assert isinstance(info.value, FileNotFoundError)
-    for path in (tmp_path, tmp_path / "missing"):
-        with pytest.raises(NotACubeError) as info:
-            RTCDataset(str(path))
-        assert str(info.value) == (
-            f"{path} holds no nasar-zarr cube (no Zarr group with rtc, status and sample);"
-            " pass the output of `nasar-zarr convert SRC DEST`"
-        )
+    with pytest.raises(NotACubeError) as info:
+        RTCDataset(str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path}: not a nasar-zarr cube (no Zarr v3 group with 'nasar_zarr' provenance);"
+        " make one with `nasar-zarr convert SRC DEST`"
+    )
+    with pytest.raises(NotACubeError, match=r"missing: no such file or directory$"):
+        RTCDataset(str(tmp_path / "missing"))
 
 
 # ------------------------------------------------ resume through loaders

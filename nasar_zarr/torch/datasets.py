@@ -6,7 +6,6 @@ import math
 import operator
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 import nasar_zarr.torch.kernels as fast_kernels
-from nasar_zarr import errors, normalize, schema, source, store
+from nasar_zarr import normalize, schema, store
 from nasar_zarr.reader import ENGINES, CubeReader
 
 from .buffers import POOL_KEY, _Block, _empty, _Pool, _shared_empty
@@ -32,29 +31,12 @@ RAW_PREFIX = "raw/"  # keys of a batch read with device=: transformed by dataset
 
 
 def _open_cube(url: str, storage_options: Mapping[str, Any] | None) -> Any:
-    """The cube's root group, or :class:`~nasar_zarr.errors.NotACubeError` with a hint."""
-    try:
-        group = store.open_group(url, storage_options)
-    except errors.NotACubeError:
-        raise
-    except FileNotFoundError as err:  # zarr's GroupNotFoundError is one too
-        raise errors.NotACubeError(_not_a_cube_message(url)) from err
+    """The cube's root group, or :class:`~nasar_zarr.errors.NotACubeError` with a hint
+    (:func:`nasar_zarr.store.not_a_cube`: a missing path, a corpus to convert, ...)."""
+    group = store.open_group(url, storage_options)
     if "rtc" not in group or schema.STATUS not in group or schema.SAMPLE_DIM not in group:
-        raise errors.NotACubeError(_not_a_cube_message(url))
+        raise store.not_a_cube(url, storage_options)
     return group
-
-
-def _not_a_cube_message(url: str) -> str:
-    message = f"{url} holds no nasar-zarr cube (no Zarr group with rtc, status and sample)"
-    folder = Path(url.split("://", 1)[1] if url.startswith("file://") else url)
-    if not source.is_remote(url) and (folder / "metadata.parquet").exists():
-        if any(folder.glob("*.tar")) or any(folder.glob("*/*.tar")):
-            return (
-                f"{message}; it looks like the NA-SAR WebDataset corpus (tars and"
-                f" metadata.parquet): convert it first with `nasar-zarr convert {url} DEST`"
-                " and pass DEST"
-            )
-    return f"{message}; pass the output of `nasar-zarr convert SRC DEST`"
 
 
 def _item_index(index: Any) -> int:
