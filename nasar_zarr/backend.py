@@ -46,6 +46,7 @@ from xarray.core import indexing
 from . import sharding
 from .errors import CubeDamagedError
 from .ranges import Location, ObjectChangedError, Tail
+from .streaming import LazyArray
 
 EMPTY = sharding.EMPTY  # index entry of an inner chunk that was never written
 
@@ -726,7 +727,7 @@ def _is_whole(key: Any) -> bool:
     return isinstance(key, slice) and key == slice(None)
 
 
-class LazyRows(np.lib.mixins.NDArrayOperatorsMixin):
+class LazyRows(LazyArray):
     """Samples ``rows`` of an array (every other axis whole), read on first use as an array.
 
     What a dask task of :func:`nasar_zarr.open_cube` returns for its chunk (see
@@ -816,28 +817,6 @@ class LazyRows(np.lib.mixins.NDArrayOperatorsMixin):
 
         streamed = streaming.method(self, name)
         return streamed if streamed is not None else getattr(self.values(), name)
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (np.asarray, (self.values(),))
-
-    # --- what is known without reading
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.values())
 
     def __repr__(self) -> str:
         state = "read" if self._values is not None else "not read"

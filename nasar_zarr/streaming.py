@@ -146,7 +146,40 @@ def method(chunk: Any, name: str) -> Callable[..., Any] | None:
 # ---------------------------------------------------------------------------- expressions
 
 
-class LazyMap(np.lib.mixins.NDArrayOperatorsMixin):
+class LazyArray(np.lib.mixins.NDArrayOperatorsMixin):
+    """What a lazy chunk knows without reading (its ``shape`` and ``dtype``); every other
+    use goes through ``values()``. Pickles as that ndarray. Base of :class:`LazyMap` and
+    :class:`nasar_zarr.backend.LazyRows`."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def values(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (np.asarray, (self.values(),))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.values())
+
+
+class LazyMap(LazyArray):
     """An elementwise expression over lazy chunks with the same samples, not yet evaluated.
 
     ``func(*operands)`` where each operand is a lazy chunk (a LazyRows or
@@ -245,27 +278,6 @@ class LazyMap(np.lib.mixins.NDArrayOperatorsMixin):
 
     def __getitem__(self, key: Any) -> Any:
         return self.values()[key]
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (np.asarray, (self.values(),))
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.values())
 
     def __repr__(self) -> str:
         name = getattr(self.func, "__name__", repr(self.func))
