@@ -778,12 +778,6 @@ class LazyRows(LazyArray):
                     self._values = read_rows(self.layout, key)
         return self._values
 
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        values = self.values()
-        if dtype is not None and np.dtype(dtype) != values.dtype:
-            return values.astype(dtype)
-        return values.copy() if copy else values
-
     @staticmethod
     def _unwrap(value: Any) -> Any:
         if isinstance(value, LazyRows):

@@ -157,6 +157,12 @@ class LazyArray(np.lib.mixins.NDArrayOperatorsMixin):
     def values(self) -> np.ndarray:
         raise NotImplementedError
 
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        values = self.values()
+        if dtype is not None and np.dtype(dtype) != values.dtype:
+            return values.astype(dtype)
+        return values.copy() if copy else values
+
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (np.asarray, (self.values(),))
 
@@ -251,12 +257,6 @@ class LazyMap(LazyArray):
                 if self._values is None:
                     self._values = np.asarray(_whole(self))
         return self._values
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        values = self.values()
-        if dtype is not None and np.dtype(dtype) != values.dtype:
-            return values.astype(dtype)
-        return values.copy() if copy else values
 
     def __array_ufunc__(self, ufunc: Any, method_name: str, *inputs: Any, **kwargs: Any) -> Any:
         done = array_ufunc(ufunc, method_name, inputs, kwargs)
