@@ -142,10 +142,9 @@ def _open_dataset(
 
     One read of the consolidated metadata serves both xarray and the fast reader; the
     label coordinates are fixed by the contract (docs/CUBE.md) and taken from schema
-    rather than read; each time coordinate is read once and decoded (xarray's lazy
-    decoding reads its first and last values, two reads of the one-chunk array). On a
-    remote store opening costs one GET of ``zarr.json``, one of ``sample`` and one per
-    time coordinate.
+    rather than read; time coordinates are decoded when first read (xarray's lazy
+    decoding reads their first and last values at open). On a remote store opening
+    costs one GET of ``zarr.json`` and one of ``sample`` (the only index read).
     """
     from xarray.backends.zarr import ZarrStore
 
@@ -173,15 +172,42 @@ def _open_dataset(
             for name, var in ds.variables.items()
             if var.ndim == 1 and " since " in str(var.attrs.get("units", ""))
         ]
-        if times:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                only = xr.Dataset({t: ds.variables[t].load() for t in times})
-                decoded = xr.decode_cf(only, decode_times=decode_times)
-            ds = ds.assign_coords({t: decoded[t] for t in times if t in ds.coords}).assign(
-                {t: decoded[t] for t in times if t in ds.data_vars}
-            )
+        decoded = {t: _lazy_times(ds.variables[t], decode_times) for t in times}
+        ds = ds.assign_coords({t: v for t, v in decoded.items() if t in ds.coords}).assign(
+            {t: v for t, v in decoded.items() if t in ds.data_vars}
+        )
     return ds, group
+
+
+def _decode_times(raw: xr.Variable, decode_times: Any) -> xr.Variable:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.decode_cf(xr.Dataset({"t": raw}), decode_times=decode_times).variables["t"]
+
+
+class _LazyTimes(xr.backends.BackendArray):
+    """A time coordinate decoded when read, not when opened: xarray's own lazy decoding
+    reads its first and last values at open (a request each on object storage)."""
+
+    def __init__(self, raw: xr.Variable, decode_times: Any) -> None:
+        self.raw, self.decode_times = raw, decode_times
+        empty = raw[:0].copy(deep=True).load()
+        self.shape, self.dtype = raw.shape, _decode_times(empty, decode_times).dtype
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.BASIC, self._read
+        )
+
+    def _read(self, key: tuple[Any, ...]) -> np.ndarray:
+        return np.asarray(_decode_times(self.raw[key].load(), self.decode_times).values)
+
+
+def _lazy_times(raw: xr.Variable, decode_times: Any) -> xr.Variable:
+    """``raw`` as the decoded time variable ``xr.decode_cf`` makes, read on first use."""
+    like = _decode_times(raw[:0].copy(deep=True).load(), decode_times)
+    lazy = indexing.LazilyIndexedArray(_LazyTimes(raw, decode_times))
+    return xr.Variable(raw.dims, lazy, like.attrs, like.encoding)
 
 
 def _fast_dask(array: Any, size: int, name: str) -> Any:
@@ -212,10 +238,16 @@ def _sample_chunk(ds: xr.Dataset, n: int, chunks: Mapping[str, int] | int | str)
                 f" is whole in each chunk), got {dict(chunks)!r}"
             )
         chunks = chunks.get(schema.SAMPLE_DIM, "shards")
-    return dask_chunk_size(n, shard_size(ds) or max(n, 1), chunks)
+    widest = max(
+        (int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in ds.data_vars.values() if v.ndim),
+        default=0,
+    )
+    return dask_chunk_size(n, shard_size(ds) or max(n, 1), chunks, sample_bytes=widest)
 
 
-def dask_chunk_size(n_samples: int, shard: int, chunks: int | str = "shards") -> int:
+def dask_chunk_size(
+    n_samples: int, shard: int, chunks: int | str = "shards", *, sample_bytes: int = 0
+) -> int:
     """Samples per dask chunk that :func:`open_cube` uses for a cube.
 
     Parameters
@@ -225,9 +257,12 @@ def dask_chunk_size(n_samples: int, shard: int, chunks: int | str = "shards") ->
     shard
         Samples per Zarr shard.
     chunks
-        ``"shards"``: the fewest whole shards per chunk that keep the chunk count
-        at most :data:`MAX_DASK_CHUNKS`; ``"shard"``: one shard; an int: that
-        many samples.
+        ``"shards"``: whole shards per chunk, as many as fit in dask's
+        ``array.chunk-size`` (128 MiB by default) of the widest variable, and at
+        least enough to keep the chunk count at most :data:`MAX_DASK_CHUNKS`;
+        ``"shard"``: one shard; an int: that many samples.
+    sample_bytes
+        Bytes of one sample of the widest variable (0: shards only).
 
     Returns
     -------
@@ -238,6 +273,8 @@ def dask_chunk_size(n_samples: int, shard: int, chunks: int | str = "shards") ->
     --------
     >>> dask_chunk_size(1_099_604, 512)  # 11 shards: 196 chunks, a full mean < 5,000 tasks
     5632
+    >>> dask_chunk_size(4096, 32, sample_bytes=524_288)  # 16 MiB shards: 8 per 128 MiB
+    256
     """
     if isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
         if chunks < 1:
@@ -249,6 +286,14 @@ def dask_chunk_size(n_samples: int, shard: int, chunks: int | str = "shards") ->
         )
     shards = max(1, -(-n_samples // shard))
     per_chunk = 1 if chunks == "shard" else -(-shards // MAX_DASK_CHUNKS)
+    if chunks != "shard" and sample_bytes > 0:
+        # Small shards grouped up to dask's own chunk-size target: each task then pays
+        # its scheduling and, on object storage, its first request's latency over
+        # enough bytes (a 16 MiB shard per task made a remote scan latency-bound).
+        import dask
+
+        target = dask.utils.parse_bytes(dask.config.get("array.chunk-size"))
+        per_chunk = max(per_chunk, min(shards, target // (shard * sample_bytes)))
     return int(min(per_chunk * shard, max(n_samples, 1)))
 
 

@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import httpranges
 from .errors import CubeDamagedError, NasarZarrError
 
 COALESCE_BYTES = 1 << 16  # ranges closer than this are fetched as one (64 KiB)
@@ -155,6 +156,8 @@ class Location:
     def _run(self, method: Any, *args: Any) -> Any:
         from fsspec.asyn import sync
 
+        if _http_url(self.url).split("://", 1)[0] in ("http", "https"):
+            return _web(method.__name__, self, *args)
         fs = self._fs()
         if not getattr(fs, "async_impl", False):
             return _blocking(method.__name__, fs, self, *args)
@@ -337,6 +340,85 @@ async def _get_generic(
         if missing_ok:
             return None
         raise
+
+
+def _web(method: str, where: Location, *args: Any) -> Any:
+    """The seam over HTTP(S): :mod:`nasar_zarr.httpranges` (blocking ``readinto`` on a
+    per-process pool) with the same semantics as the fsspec path: Range, If-Match,
+    suffix ranges for tails, 404 as absent, 412 as a changed object."""
+    options = dict(where.storage_options)
+    headers = dict(options.get("headers") or {})
+    if method == "_round":
+        tail_keys, nbytes, whole_keys, requests = args
+        jobs: list[tuple[Any, ...]] = [
+            *((where, k, f"bytes=-{nbytes}", None, headers) for k in tail_keys),
+            *((where, k, None, None, headers) for k in whole_keys),
+        ]
+        merged = coalesce(requests)
+        jobs += [(where, k, f"bytes={a}-{b - 1}", v, headers) for k, a, b, v in _requests(merged)]
+        got = httpranges.map_requests(_web_get, jobs)
+        tails = got[: len(tail_keys)]
+        wholes = got[len(tail_keys) : len(tail_keys) + len(whole_keys)]
+        bodies = got[len(tail_keys) + len(whole_keys) :]
+        return tails, wholes, _split(where, requests, merged, bodies)
+    if method == "_tails":
+        keys, nbytes = args
+        return _web("_round", where, keys, nbytes, [], [])[0]
+    if method == "_wholes":
+        return _web("_round", where, [], 0, args[0], [])[1]
+    return _web("_round", where, [], 0, [], args[0])[2]
+
+
+def _requests(merged: Sequence[Merged]) -> list[tuple[str, int, int, str | None]]:
+    return [m.request for m in merged]
+
+
+def _web_get(
+    where: Location, key: str, byte_range: str | None, version: str | None, headers: Any
+) -> Tail | None:
+    url = _http_url(where.path(key))
+    response = httpranges.get(url, byte_range, version, headers)
+    if response.status == 404:
+        return None
+    if response.status == 412:
+        raise _changed(url)
+    if response.status == 416:
+        return Tail(b"", 0, response.etag)
+    if response.status >= 400:
+        raise FileNotFoundError(f"{url}: HTTP {response.status}")
+    data: bytes | bytearray | memoryview = response.body
+    if version and response.etag and response.etag != version:  # a server ignoring If-Match
+        raise _changed(url)
+    size = response.total if response.total is not None else len(data)
+    if byte_range and response.status == 200:  # a server that ignores Range
+        first, _, last = byte_range[len("bytes=") :].partition("-")
+        size = len(data)
+        data = data[-int(last) :] if not first else memoryview(data)[int(first) : int(last) + 1]
+    return Tail(data, size, response.etag)  # type: ignore[arg-type]
+
+
+def _split(
+    where: Location,
+    requests: Sequence[tuple[str, int, int, str | None]],
+    merged: Sequence[Merged],
+    fetched: Sequence[Tail | None],
+) -> list[bytes | memoryview]:
+    """Each request's bytes out of the merged responses (views, no copies)."""
+    out: list[bytes | memoryview] = [b""] * len(requests)
+    for m, got in zip(merged, fetched, strict=True):
+        key, start, end, _ = m.request
+        if got is None:
+            raise FileNotFoundError(f"{_http_url(where.path(key))}: HTTP 404")
+        if len(got.data) != end - start:
+            raise CubeDamagedError(
+                f"{where.path(key)}: ends before byte {end} (got {len(got.data)} bytes"
+                f" from {start}); the object is truncated"
+            )
+        view = memoryview(got.data)
+        for i in m.members:
+            _, a, b, _ = requests[i]
+            out[i] = view[a - start : b - start]
+    return out
 
 
 def _blocking(method: str, fs: Any, where: Location, *args: Any) -> Any:

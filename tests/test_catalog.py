@@ -37,8 +37,8 @@ def test_static_catalog_opens_a_store_given_by_url(small_cube, cube):
     with raise_if_dask_computes():
         ds = cat["nasar"](url=str(small_cube)).to_dask()
     assert isinstance(ds["rtc"].data, da.Array)
-    # open_cube's chunks: whole shards (8 samples here), every variable alike.
-    assert ds.chunks["sample"] == cube.chunks["sample"] == (8, 8, 8, 8)
+    # open_cube's chunks: whole shards (all 4 here), every variable alike.
+    assert ds.chunks["sample"] == cube.chunks["sample"] == (32,)
     _same_cube(ds, cube)
     # The accessor works on what the catalog returns.
     with raise_if_dask_computes():
@@ -74,7 +74,7 @@ def test_write_catalog_records_the_shard_size(small_cube, cube, table, tmp_path)
     assert "(8 samples per shard)" in nasar["description"]
     cat = intake.open_catalog(str(path))
     ds = cat["nasar"].to_dask()
-    assert ds["rtc"].chunks[0] == cube["rtc"].chunks[0] == (8, 8, 8, 8)
+    assert ds["rtc"].chunks[0] == cube["rtc"].chunks[0] == (32,)
     _same_cube(ds, cube)
     pd.testing.assert_frame_equal(cat["nasar_metadata"].read(), table)
 
@@ -95,7 +95,7 @@ def test_cli_catalog(small_cube, tmp_path, capsys):
     assert main(["catalog", str(small_cube), "-o", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
     cat = intake.open_catalog(str(out))
-    assert cat["nasar"].to_dask()["rtc"].chunks[0] == (8, 8, 8, 8)
+    assert cat["nasar"].to_dask()["rtc"].chunks[0] == (32,)
 
     assert main(["catalog", str(tmp_path / "missing.zarr"), "-o", str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err
@@ -111,7 +111,7 @@ def test_opening_the_catalog_prints_no_warning(small_cube, tmp_path):
         f"for path in ({str(CATALOG)!r}, {str(written)!r}):\n"
         "    cat = intake.open_catalog(path)\n"
         f"    ds = cat['nasar'](url={str(small_cube)!r}).to_dask()\n"
-        "    assert ds.chunks['sample'] == (8, 8, 8, 8)\n"
+        "    assert ds.chunks['sample'] == (32,)\n"
         "    assert cat['nasar'].to_dask().sizes['sample'] == 32\n"
         f"    table = cat['nasar_metadata'](url={str(small_cube)!r}).read()\n"
         "    assert len(table) == 32\n"

@@ -89,11 +89,11 @@ def test_opens_with_plain_xarray_and_zarr(small_cube):
 
 def test_open_cube_chunks_are_whole_shards_alike(small_cube):
     ds = nz.open_cube(str(small_cube))
-    # Whole shards (here one per chunk: 4 chunks is far below the cap), alike for all.
+    # Whole shards (here all 4: 16 MiB of rtc is below dask's chunk-size), alike for all.
     assert {name: var.data.chunks[0] for name, var in ds.data_vars.items()} == {
-        name: (8, 8, 8, 8) for name in ds.data_vars
+        name: (32,) for name in ds.data_vars
     }
-    assert dict(ds.chunks)["sample"] == (8, 8, 8, 8)
+    assert dict(ds.chunks)["sample"] == (32,)
     by_shard = nz.open_cube(str(small_cube), chunks=16)
     assert dict(by_shard.chunks)["sample"] == (16, 16)
     assert not hasattr(ds.quality_score.variable._data, "dask")  # coords stay lazy numpy

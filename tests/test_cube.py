@@ -44,12 +44,25 @@ def _rchar() -> int:
 
 
 def test_every_variable_is_chunked_alike_in_whole_shards(opened):
-    assert opened.chunks["sample"] == (8, 8, 8, 8)
-    assert opened.chunksizes["sample"] == (8, 8, 8, 8)
+    # 4 shards of 8 samples (4 MiB of rtc each) fit in dask's 128 MiB chunk-size: one chunk
+    assert opened.chunks["sample"] == (32,)
+    assert opened.chunksizes["sample"] == (32,)
     for name in VARIABLES:
         chunks = opened[name].chunks
-        assert chunks[0] == (8, 8, 8, 8), name
+        assert chunks[0] == (32,), name
         assert all(len(c) == 1 for c in chunks[1:]), name  # other dims whole
+
+
+def test_default_chunks_follow_dasks_chunk_size_in_whole_shards(small_cube):
+    import dask
+
+    rtc_shard = 8 * 2 * 2 * 2 * 128 * 128 * 4  # 8 samples of (view, time, pol, y, x) float32
+    with dask.config.set({"array.chunk-size": 2 * rtc_shard}):
+        assert open_cube(str(small_cube)).chunks["sample"] == (16, 16)
+    with dask.config.set({"array.chunk-size": 2 * rtc_shard - 1}):  # never above the target
+        assert open_cube(str(small_cube)).chunks["sample"] == (8, 8, 8, 8)
+    with dask.config.set({"array.chunk-size": "1 KiB"}):  # at least one whole shard
+        assert open_cube(str(small_cube)).chunks["sample"] == (8, 8, 8, 8)
 
 
 def test_dask_chunk_size_keeps_a_full_reduction_small():

@@ -75,6 +75,27 @@ def test_open_cube_remote_equals_local_bit_for_bit(remote, local):
     assert lazy.rtc.isel(sample=5).values.tobytes() == local.rtc.values[5].tobytes()
 
 
+def test_opening_a_remote_cube_takes_two_gets(http_cube, s3_cube, local):
+    url, server = http_cube
+    server.reset()
+    ds = open_cube(url)
+    assert [(r.method, r.path.rsplit("/", 1)[-1]) for r in server.reset()] == [
+        ("GET", "zarr.json"),  # the consolidated metadata
+        ("GET", "0"),  # the sample coordinate (the only index)
+    ]
+    # the time coordinates are decoded when first read, as xarray would decode them
+    for name in ("prime_datetime", "secondary_datetime"):
+        assert ds[name].dtype == local[name].dtype
+        assert ds[name].values.tobytes() == local[name].values.tobytes()
+        assert ds[name].isel(sample=[7, 2]).values.tobytes() == (
+            local[name].values[[7, 2]].tobytes()
+        )
+    s3_url, options, proxy = s3_cube
+    proxy.reset()
+    open_cube(s3_url, storage_options=options)
+    assert [r.method for r in proxy.reset()] == ["GET", "GET"]
+
+
 def test_remote_arrays_pickle_and_read_in_a_fresh_index_cache(remote, local):
     url, options = remote
     ds = open_cube(url, storage_options=options)

@@ -94,7 +94,7 @@ def test_other_options_are_refused_unless_overwrite(corpus, tmp_path):
         " --overwrite to replace it, or convert into a new destination"
     )
     ds = other.execute(workers=0, overwrite=True)
-    assert ds.rtc.data.chunks[0] == (8, 3)
+    assert ds.rtc.data.chunks[0] == (11,)
     assert verify(str(dest), workers=0).ok
 
 
