@@ -275,3 +275,59 @@ def test_a_forked_dataloader_reads_a_remote_cube(http_cube, small_cube):
             assert torch.equal(batch["prime_rtc_view_1"][k], item["prime_rtc_view_1"])
         seen += len(batch["index"])
     assert seen == len(near)
+
+
+def test_our_loader_reads_each_workers_next_batch_ahead(http_cube, small_cube):
+    """dataloader() hints each batch's successor on the same worker; the remote dataset
+    reads it while the batch is transformed: same batches, no extra request."""
+    torch = pytest.importorskip("torch")
+    from nasar_zarr.torch import InSARDataset, ShardAwareSampler, dataloader
+
+    url, server = http_cube
+    near = InSARDataset(str(small_cube))
+    counts = {}
+    for ahead in (False, None):  # None: the default, on for a remote cube
+        far = InSARDataset(url, read_ahead=ahead)
+        sampler = ShardAwareSampler(far, seed=3)
+        loader = dataloader(far, batch_size=4, sampler=sampler, num_workers=2)
+        backend.INDEX_CACHE._reset()
+        server.reset()
+        order = []
+        for batch in loader:
+            want = near.__getitems__(batch["index"].tolist())
+            for k, item in enumerate(want):
+                for key in ("prime_rtc_view_0", "ifg_view_1", "slope_view_0"):
+                    assert torch.equal(batch[key][k], item[key]), key
+            order += batch["index"].tolist()
+        assert order == sampler.epoch_indices(0).tolist()
+        counts[ahead] = sorted((r.path, r.range) for r in server.reset())
+    assert counts[None] == counts[False]  # every hint was right: nothing read twice
+
+
+def test_a_wrong_hint_reads_the_asked_batch(http_cube, small_cube):
+    torch = pytest.importorskip("torch")
+    from nasar_zarr.torch import InSARDataset
+    from nasar_zarr.torch.sampler import HintedBatch
+
+    url, server = http_cube
+    far, near = InSARDataset(url), InSARDataset(str(small_cube))
+    assert far._read_ahead() is not None and near._read_ahead() is None
+    far.__getitems__(HintedBatch([0, 1], then=[5, 6]))  # reads 5, 6 ahead
+    got = far.__getitems__(HintedBatch([9, 2], then=None))  # not what was hinted
+    for item, want in zip(got, near.__getitems__([9, 2]), strict=True):
+        assert item["index"] == want["index"]
+        assert torch.equal(item["coh_view_1"], want["coh_view_1"])
+    assert far._ahead is not None and far._ahead.pending is None  # the guess was dropped
+
+
+def test_hinted_batches_name_the_same_workers_next_batch():
+    from nasar_zarr.torch.sampler import HintedBatch, HintedBatches
+
+    batches = [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
+    got = list(HintedBatches(batches, 2))
+    assert got == batches and all(isinstance(b, HintedBatch) for b in got)
+    assert [b.then for b in got] == [[4, 5], [6, 7], [8], None, None]
+    assert [b.then for b in HintedBatches(batches, 0)] == [[2, 3], [4, 5], [6, 7], [8], None]
+    assert len(HintedBatches(batches, 3)) == 5
+    back = pickle.loads(pickle.dumps(got[0]))
+    assert back == [0, 1] and back.then == [4, 5]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import operator
 import os
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 import nasar_zarr.torch.kernels as fast_kernels
-from nasar_zarr import normalize, schema, store
+from nasar_zarr import normalize, schema, source, store
 from nasar_zarr.reader import ENGINES, CubeReader
 
 from .buffers import POOL_KEY, _Block, _empty, _Pool, _shared_empty
@@ -167,8 +169,11 @@ class _CubeDataset(Dataset):
         dtype: Any,
         metadata: Sequence[str],
         group: Any,
+        read_ahead: bool | None = None,
     ) -> None:
         self.url = str(url)
+        # None: on remote stores only, where a batch waits for a round trip
+        self.read_ahead = read_ahead
         self.storage_options = dict(storage_options) if storage_options else None
         if engine not in (None, *ENGINES):
             raise ValueError(
@@ -229,6 +234,7 @@ class _CubeDataset(Dataset):
         self._reader: CubeReader | None = None
         self._reader_pid: int | None = None
         self._pool: _Pool | None = None  # set in the workers of a CubeDataLoader
+        self._ahead: _ReadAhead | None = None  # this process's read of the next batch
         self._metadata = self._read_metadata(group, metadata)
 
     # --- what the outputs are
@@ -287,6 +293,7 @@ class _CubeDataset(Dataset):
         state["_reader"] = None  # no open handles cross a process boundary
         state["_reader_pid"] = None
         state["_pool"] = None
+        state["_ahead"] = None
         return state
 
     @property
@@ -353,7 +360,13 @@ class _CubeDataset(Dataset):
             One dict per requested item, in the requested order.
         """
         cube = self._cube_positions(indices)
-        data = self._read(cube)
+        ahead = self._read_ahead()
+        data = ahead.take(cube) if ahead is not None else None
+        if data is None:
+            data = self._read(cube)
+        then = getattr(indices, "then", None)  # a CubeDataLoader's hint: our next batch
+        if ahead is not None and then:
+            ahead.start(self._cube_positions(then))
         in_worker = torch.utils.data.get_worker_info() is not None
         pool = self._pool if in_worker else None
         block = _Block(pool, _shared_empty if in_worker else _empty)
@@ -397,6 +410,18 @@ class _CubeDataset(Dataset):
             column.flags.writeable = False
             out[name] = column
         return out
+
+    def _read_ahead(self) -> _ReadAhead | None:
+        """This process's read-ahead, if this dataset reads ahead (see ``read_ahead``)."""
+        wanted = self.read_ahead
+        if wanted is None:
+            wanted = source.is_remote(self.url)
+        if not wanted or self.reader.engine != "shards":  # the thread-safe reader only
+            return None
+        ahead = self._ahead
+        if ahead is None or ahead.pid != os.getpid():
+            ahead = self._ahead = _ReadAhead(self._read)
+        return ahead
 
     def _read(self, cube: np.ndarray) -> dict[str, np.ndarray]:
         reader = self.reader
@@ -540,6 +565,36 @@ class _CubeDataset(Dataset):
         )
 
 
+class _ReadAhead:
+    """One batch read ahead on one thread of this process: bounded to one batch's
+    decoded arrays (plus its stored bytes while they arrive)."""
+
+    def __init__(self, read: Any) -> None:
+        self.pid = os.getpid()
+        self.read = read
+        self.lock = threading.Lock()
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="nasar-read-ahead")
+        self.pending: tuple[bytes, Future[dict[str, np.ndarray]]] | None = None
+
+    def start(self, cube: np.ndarray) -> None:
+        with self.lock:
+            if self.pending is None:
+                self.pending = (cube.tobytes(), self.thread.submit(self.read, cube))
+
+    def take(self, cube: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The batch read ahead if it is exactly ``cube`` (its errors raise here), else
+        None (and a wrong guess is dropped)."""
+        with self.lock:
+            pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        key, future = pending
+        if key != cube.tobytes():
+            future.cancel()
+            return None
+        return future.result()
+
+
 def _tensor(values: Any, device: torch.device) -> Tensor:
     return values if isinstance(values, torch.Tensor) else torch.from_numpy(values).to(device)
 
@@ -591,6 +646,10 @@ class RTCDataset(_CubeDataset):
         Per-sample columns of the cube (``quality_score``, ``track``,
         ``prime_datetime``, ...) to add to each item under their names (numbers
         collate to tensors, text to lists); read once, at construction.
+    read_ahead
+        Read the next batch of this DataLoader worker while this one is
+        transformed (the batches of :func:`dataloader` name it): one batch's
+        arrays more in memory per worker. Default None: on remote stores only.
 
     Examples
     --------
@@ -613,6 +672,7 @@ class RTCDataset(_CubeDataset):
         stack: bool = False,
         dtype: Any = torch.float32,
         metadata: Sequence[str] = (),
+        read_ahead: bool | None = None,
     ) -> None:
         super().__init__(
             url,
@@ -628,6 +688,7 @@ class RTCDataset(_CubeDataset):
             dtype=dtype,
             metadata=metadata,
             group=_open_cube(str(url), storage_options),
+            read_ahead=read_ahead,
         )
 
 
@@ -656,7 +717,7 @@ class InSARDataset(_CubeDataset):
     slope_range
         Slope ``(low, high)`` in degrees mapped to [0, 1].
     storage_options, indices, rtc_gain, rtc_ranges, engine, precision, device, stack, dtype,
-    metadata
+    metadata, read_ahead
         As in :class:`RTCDataset`.
 
     Examples
@@ -687,6 +748,7 @@ class InSARDataset(_CubeDataset):
         stack: bool = False,
         dtype: Any = torch.float32,
         metadata: Sequence[str] = (),
+        read_ahead: bool | None = None,
     ) -> None:
         self.dem_range = normalize._check_range("dem_range", dem_range)
         self.slope_range = normalize._check_range("slope_range", slope_range)
@@ -715,6 +777,7 @@ class InSARDataset(_CubeDataset):
             dtype=dtype,
             metadata=metadata,
             group=group,
+            read_ahead=read_ahead,
         )
 
     def _absent_message(self, absent: list[str], present: list[str]) -> str:

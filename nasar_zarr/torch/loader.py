@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from .buffers import POOL_KEY, POOL_SLOTS, _start_pool
 from .datasets import _CubeDataset
-from .sampler import ShardAwareSampler
+from .sampler import HintedBatches, ShardAwareSampler
 
 
 def safe_start_method() -> str:
@@ -119,6 +119,15 @@ class CubeDataLoader(DataLoader):
 
     def __iter__(self) -> Any:  # a _Delivering, not a _BaseDataLoaderIter
         return _Delivering(super().__iter__(), self)
+
+    @property
+    def _index_sampler(self) -> Any:
+        """The batches, each hinting the next batch of the same worker (the datasets read
+        it ahead on remote stores, see ``read_ahead``)."""
+        batches = super()._index_sampler
+        if self._auto_collation and isinstance(self.dataset, _CubeDataset):
+            return HintedBatches(batches, self.num_workers)
+        return batches
 
     def _hold(self, batch: Any) -> None:
         """Note a delivered batch's pooled buffer (and drop the tag from the batch)."""

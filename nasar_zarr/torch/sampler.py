@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import sys
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -285,6 +286,42 @@ class ShardAwareSampler(Sampler[int]):
         self.epoch = int(state["epoch"])
         self._resume_at = self._yielded = self._iter_start = position
         self._delivered = 0 if self._delivered is not None else None
+
+
+class HintedBatch(list):  # type: ignore[type-arg]
+    """A batch of item positions that also names the batch the same DataLoader worker is
+    given next (``then``, None at the end), so the dataset can read that one while this
+    one is transformed. A plain list to everything else."""
+
+    def __init__(self, items: Iterable[int], then: Sequence[int] | None = None) -> None:
+        super().__init__(items)
+        self.then = None if then is None else list(then)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # to the worker with its hint
+        return (HintedBatch, (list(self), self.then))
+
+
+class HintedBatches:
+    """The batches of ``batches``, each a :class:`HintedBatch` naming the batch ``workers``
+    places later: a DataLoader hands its batches to its workers in turn, so that is the
+    next batch of the worker that gets this one. Drawn ``workers`` batches ahead of the
+    loader; a wrong guess (a worker skipped) costs one wasted read, never a wrong batch:
+    the dataset uses what it read ahead only for exactly the positions it was asked."""
+
+    def __init__(self, batches: Iterable[Sequence[int]], workers: int) -> None:
+        self.batches, self.workers = batches, max(1, int(workers))
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[HintedBatch]:
+        window: deque[list[int]] = deque()
+        for batch in self.batches:
+            window.append(list(batch))
+            if len(window) > self.workers:
+                yield HintedBatch(window.popleft(), window[-1])
+        while window:
+            yield HintedBatch(window.popleft())
 
 
 def _loader_reading_ahead() -> str | None:
