@@ -288,7 +288,7 @@ class ShardAwareSampler(Sampler[int]):
         self._delivered = 0 if self._delivered is not None else None
 
 
-class HintedBatch(list):  # type: ignore[type-arg]
+class HintedBatch(list):
     """A batch of item positions that also names the batch the same DataLoader worker is
     given next (``then``, None at the end), so the dataset can read that one while this
     one is transformed. A plain list to everything else."""
