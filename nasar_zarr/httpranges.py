@@ -20,6 +20,7 @@ pid on them and builds its own, never touching an inherited socket.
 
 from __future__ import annotations
 
+import http.client
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import urllib3
+
 T = TypeVar("T")
+HTTPError = urllib3.exceptions.HTTPError  # what a request that never got an answer raises
 
 MAX_IN_FLIGHT = 32  # requests at once per process (connections kept per host)
 CONNECT_TIMEOUT = 3.0  # seconds, as the S3 client's (store.S3_CONFIG)
@@ -48,8 +52,6 @@ class _Client:
     """One process's connection pool and threads (made on first use, never shared)."""
 
     def __init__(self) -> None:
-        import urllib3
-
         self.pid = os.getpid()
         retries = urllib3.Retry(
             total=4,
@@ -124,14 +126,25 @@ def map_requests(function: Callable[..., T], jobs: Sequence[tuple[Any, ...]]) ->
     return [f.result() for f in futures]
 
 
+def reason(exc: BaseException) -> str:
+    """Why a request failed, in a few words (urllib3 nests the cause in its retries)."""
+    cause = getattr(exc, "reason", None) or exc
+    text = str(cause).split(": ", 1)[-1] if isinstance(cause, Exception) else str(cause)
+    return f"no answer ({type(cause).__name__}: {text})"
+
+
 def _read_into(response: Any, length: int | None) -> bytearray:
     if length is None:  # no Content-Length (chunked): let urllib3 assemble it
         return bytearray(response.read())
+    # urllib3's own readinto reads into a temporary and copies; the http.client response
+    # under it receives straight into our buffer (recv_into), once
+    raw = getattr(response, "_fp", None)
+    readinto = raw.readinto if isinstance(raw, http.client.HTTPResponse) else response.readinto
     body = bytearray(length)
     view = memoryview(body)
     got = 0
     while got < length:
-        n = response.readinto(view[got:])
+        n = readinto(view[got:])
         if not n:
             break
         got += n

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import httpranges
-from .errors import CubeDamagedError, NasarZarrError
+from .errors import CubeDamagedError, EndpointError, NasarZarrError
 
 COALESCE_BYTES = 1 << 16  # ranges closer than this are fetched as one (64 KiB)
 MAX_REQUEST_BYTES = 32 << 20  # ...up to this many bytes per request
@@ -377,7 +377,10 @@ def _web_get(
     where: Location, key: str, byte_range: str | None, version: str | None, headers: Any
 ) -> Tail | None:
     url = _http_url(where.path(key))
-    response = httpranges.get(url, byte_range, version, headers)
+    try:
+        response = httpranges.get(url, byte_range, version, headers)
+    except httpranges.HTTPError as exc:  # connection refused, reset, timed out (after retries)
+        raise EndpointError(f"{url}: {httpranges.reason(exc)}") from None
     if response.status == 404:
         return None
     if response.status == 412:

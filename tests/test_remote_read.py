@@ -331,3 +331,33 @@ def test_hinted_batches_name_the_same_workers_next_batch():
     assert len(HintedBatches(batches, 3)) == 5
     back = pickle.loads(pickle.dumps(got[0]))
     assert back == [0, 1] and back.then == [4, 5]
+
+
+def test_a_host_that_stops_answering_is_one_line(small_cube):
+    from nasar_zarr import CubeReader
+    from nasar_zarr.errors import EndpointError
+
+    server = RangeServer(small_cube.parent).start()
+    url = f"{server.url}/{small_cube.name}"
+    ds, reader = open_cube(url), CubeReader(url)
+    server.stop()
+    backend.INDEX_CACHE._reset()
+    for read in (lambda: ds.rtc.isel(sample=[3]).values, lambda: reader[5]):
+        with pytest.raises(EndpointError) as err:
+            read()
+        text = str(err.value)
+        assert "\n" not in text and text.startswith(f"{url}/rtc/c/")
+        assert "no answer (NewConnectionError" in text and "Connection refused" in text
+
+
+def test_ranges_over_one_kept_alive_connection_are_exact(http_cube, small_cube):
+    from nasar_zarr import httpranges
+
+    url, _ = http_cube
+    data = (small_cube / "rtc" / "c/1/0/0/0/0/0").read_bytes()
+    rng = np.random.default_rng(1)
+    for _ in range(50):  # sequential: each reuses the connection the last one read through
+        a = int(rng.integers(0, len(data) - 1))
+        b = int(rng.integers(a + 1, min(len(data), a + 300_000) + 1))
+        got = httpranges.get(f"{url}/rtc/c/1/0/0/0/0/0", f"bytes={a}-{b - 1}")
+        assert got.status == 206 and bytes(got.body) == data[a:b] and got.total == len(data)
