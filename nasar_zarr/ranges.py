@@ -8,10 +8,12 @@ bytes came from.
 
 - **Local** paths: ``os.pread`` on a descriptor opened for the call (the
   backend's whole-shard scans memory-map instead; same seam, same decoding).
-- **s3://** (s3fs), **http(s)://** (fsspec's HTTP filesystem, aiohttp) and
-  **hf://** (translated to the Hub's ``resolve`` URL): ranges closer than
+- **s3://** (s3fs), **http(s)://** (:mod:`nasar_zarr.httpranges`: urllib3,
+  bodies received straight into their buffers) and **hf://** (translated to
+  the Hub's ``resolve`` URL): ranges closer than
   :data:`COALESCE_BYTES` are merged into one request, and up to
-  :data:`MAX_IN_FLIGHT` requests run concurrently on fsspec's event loop. The
+  :data:`MAX_IN_FLIGHT` requests run concurrently (s3fs's event loop, or
+  httpranges' per-process threads). The
   first read of an object (its index, a suffix range: no HEAD) records its
   ETag; every later range of it is sent with ``If-Match``, so an object
   replaced under a reader fails with :class:`ObjectChangedError`, never a mix
@@ -19,13 +21,12 @@ bytes came from.
 - Other fsspec URLs (``memory://``, ``gs://`` ...): ``fs.cat_ranges``, without
   the ETag check.
 
-Nothing here survives a call but fsspec's own per-process filesystem
-instances, which fsspec rebuilds after ``fork``; a :class:`Location` is a
-frozen, picklable description (URL + options), so readers pickle to dask
-workers and into forked DataLoader workers. Why fsspec rather than obstore:
-obstore's Rust runtime hangs in a child forked after the parent used it
-(measured here with obstore 0.12.1; PyTorch's default DataLoader forks), while
-fsspec gives each process its own client; docs/ANALYSIS.md has the comparison.
+Nothing here survives a call but fsspec's per-process filesystem instances and
+httpranges' per-process pool, both rebuilt after ``fork``; a :class:`Location`
+is a frozen, picklable description (URL + options), so readers pickle to dask
+workers and into forked DataLoader workers. Why not obstore: its Rust runtime
+hangs in a child forked after the parent used it (obstore 0.12.1; PyTorch's
+default DataLoader forks); docs/REMOTE.md has the comparison.
 """
 
 from __future__ import annotations
