@@ -222,6 +222,12 @@ class _SourceFile(io.RawIOBase):
         self._pos += len(data)
         return data
 
+    def readinto(self, buffer: Any) -> int:
+        # what io.BufferedReader (open_binary) reads with; RawIOBase has no default
+        data = self.read(len(memoryview(buffer).cast("B")))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
 
 @contextmanager
 def open_binary(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[BinaryIO]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -31,23 +32,30 @@ READ_AHEAD = 2  # remote ranges in flight while one is decoded (memory: this man
 
 
 def _reads(src: ByteSource, ranges: list[tuple[int, int]]) -> Generator[bytes, None, None]:
-    """The ranges' bytes in order; remotely the next :data:`READ_AHEAD` are fetched on a
-    thread of this call meanwhile (one thread: the reads stay in order, so the first
-    records the version the others ask for)."""
+    """The ranges' bytes in order; remotely the next :data:`READ_AHEAD` are in flight (on
+    threads of this call) while one is decoded, after a first read that records the
+    version the others ask for."""
     if not src.remote or len(ranges) < 2:  # local reads come from the page cache
         for a, b in ranges:
             yield src.read(a, b - a)
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="nasar-read-ahead") as pool:
-        pending: deque[Future[bytes]] = deque()
-        todo = iter(ranges)
+    todo = iter(ranges)
+    first = None
+    if src.version is None:
+        a, b = next(todo)
+        first = src.read(a, b - a)
+    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="nasar-read-ahead") as pool:
+        pending = deque(pool.submit(src.read, a, b - a) for a, b in islice(todo, READ_AHEAD))
         try:
-            for a, b in todo:
-                pending.append(pool.submit(src.read, a, b - a))
-                if len(pending) > READ_AHEAD:
-                    yield pending.popleft().result()
+            if first is not None:
+                yield first
+                first = None
             while pending:
-                yield pending.popleft().result()
+                data = pending.popleft().result()
+                for a, b in islice(todo, 1):
+                    pending.append(pool.submit(src.read, a, b - a))
+                yield data
+                del data
         finally:
             for future in pending:  # the caller stopped early or a read failed
                 future.cancel()
