@@ -154,6 +154,36 @@ def test_indexing_over_a_slow_link_batches_requests(tmp_path):
     assert elapsed < 0.02 * 300 / 2  # one header at a time: >= 6 s (20 ms each)
 
 
+def test_a_truncated_tar_reads_the_same_over_http(corpus, tmp_path):
+    """Short reads at the end of a tar are what finds it truncated, locally and remotely."""
+    from nasar_zarr import source
+    from nasar_zarr.errors import ShardCorruptError
+
+    tar = tmp_path / "a.tar"
+    data = (corpus.root / corpus.shard_paths[0]).read_bytes()
+    tar.write_bytes(data)
+    whole = source.index_tar(str(tar))
+    tar.write_bytes(data[: len(data) - 600_000])
+    found: dict[str, tuple] = {}
+    with RangeServer(tmp_path) as server:
+        for where, url in (("local", str(tar)), ("http", f"{server.url}/a.tar")):
+            problems: list = []
+            index = source.index_tar(url, shard="a.tar", problems=problems)
+            with pytest.raises(ShardCorruptError) as caught:
+                list(source.read_index(url, whole, shard="a.tar"))
+            found[where] = (index, [str(p) for p in problems], str(caught.value))
+        requests = server.reset()
+    assert found["http"] == found["local"]
+    index, problems, error = found["local"]
+    assert len(index) == 6 and problems == [
+        "a.tar: sample 'nasar_000000006': truncated tar: member 'nasar_000000006.npz' needs"
+        f" bytes up to {int(whole.offset[-1] + whole.size[-1]):,} but the file has"
+        f" {len(data) - 600_000:,}"
+    ]
+    assert error.startswith("a.tar: sample 'nasar_000000006': truncated tar: member")
+    assert {r.method for r in requests} == {"GET"}  # no HEAD for the size
+
+
 def test_open_binary_reads_a_remote_tar_with_tarfile(corpus):
     """tarfile's own reader over HTTP: header blocks only, no HEAD for the size."""
     import tarfile
