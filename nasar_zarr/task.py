@@ -39,6 +39,7 @@ def run_task(
     lock_token: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     documents: Mapping[str, Mapping[str, Any]] | None = None,
+    versions: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Read a task's samples, write its Zarr shard of every variable once, record it.
 
@@ -47,7 +48,10 @@ def run_task(
     ``lock_token`` is the token of the run that submitted the task: a task that
     finds another token in the store's lock (its run was interrupted and another
     took over) writes nothing. ``documents`` holds the ``zarr.json`` document of each
-    array the task writes (read from the store when not given).
+    array the task writes (read from the store when not given). ``versions`` holds
+    the ETag (as ``If-Match`` takes it) the plan saw of each tar it reads: a tar
+    replaced since raises :class:`~nasar_zarr.ranges.ObjectChangedError`, so the
+    cube never mixes two versions of a tar.
     """
     n, k = task.n_samples, options.inner_chunk
     status = np.zeros(n, dtype="uint8")
@@ -59,7 +63,11 @@ def run_task(
     # None: an inner chunk of fill values only, left out of its shard (marked empty)
     pieces: dict[str, list[bytes | None]] = {name: [] for name in schema.VARIABLES}
     samples = task_samples(
-        task, src=src, max_member_bytes=options.max_member_bytes, storage_options=storage_options
+        task,
+        src=src,
+        max_member_bytes=options.max_member_bytes,
+        storage_options=storage_options,
+        versions=versions,
     )
     pending = next(samples, None)
     for chunk_start in range(task.start, task.start + -(-n // k) * k, k):
@@ -147,9 +155,11 @@ def run_tasks(
     progress: bool = False,
     total: int | None = None,
     desc: str = "convert",
+    versions: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run :func:`run_task` for each task on the runner; returns the records (counts and
-    checksums; their rejection lists too when short, else only in the store)."""
+    checksums; their rejection lists too when short, else only in the store).
+    ``versions``: the planned ETag of each tar (each task gets those of its spans)."""
     kwargs = {
         "src": src,
         "dest": dest,
@@ -159,7 +169,18 @@ def run_tasks(
         "documents": store.array_documents(dest, WRITTEN_ARRAYS, storage_options),
     }
     # Tasks are built here one by one from the plan's columns; each carries only its spans.
-    calls = [((t,), {**kwargs, "rejected_rows": rejected_rows.get(t.index, [])}) for t in tasks]
+    versions = versions or {}
+    calls = [
+        (
+            (t,),
+            {
+                **kwargs,
+                "rejected_rows": rejected_rows.get(t.index, []),
+                "versions": _span_versions(t, versions),
+            },
+        )
+        for t in tasks
+    ]
     total = len(calls) if total is None else total
     return [
         _light(record)
@@ -174,6 +195,11 @@ def run_tasks(
             desc=desc,
         )
     ]
+
+
+def _span_versions(task: ShardTask, versions: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``versions`` for the tars ``task`` reads (what travels with it)."""
+    return {s.shard_path: versions[s.shard_path] for s in task.spans if s.shard_path in versions}
 
 
 def _light(record: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +234,14 @@ def run_plan_tasks(
         progress=progress,
         total=len(plan.tasks),
         desc=desc,
+        versions=planned_versions(plan),
     )
+
+
+def planned_versions(plan: ConversionPlan) -> dict[str, str]:
+    """The ETag (as ``If-Match`` takes it) the plan saw of each tar that has one."""
+    found = {t.path: source.if_match(t.etag) for t in plan.tar_shards}
+    return {path: etag for path, etag in found.items() if etag}
 
 
 def rejected_rows_by_task(plan: ConversionPlan) -> dict[int, list[int]]:
@@ -226,8 +259,10 @@ def task_samples(
     src: str,
     max_member_bytes: int = source.DEFAULT_MAX_MEMBER_BYTES,
     storage_options: Mapping[str, Any] | None = None,
+    versions: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[int, str, str, dict[str, np.ndarray] | SourceError]]:
-    """``(row, shard_path, key, arrays | error)`` for the task's samples, rows ascending."""
+    """``(row, shard_path, key, arrays | error)`` for the task's samples, rows ascending
+    (each tar read at its ``versions`` entry, when given)."""
     for span in task.spans:
         samples = source.read_index(
             source.join(src, span.shard_path),
@@ -235,6 +270,7 @@ def task_samples(
             shard=span.shard_path,
             storage_options=storage_options,
             max_member_bytes=max_member_bytes,
+            version=(versions or {}).get(span.shard_path),
         )
         for row, (key, arrays) in zip(span.rows.tolist(), samples, strict=True):
             yield row, span.shard_path, key, arrays

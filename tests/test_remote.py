@@ -9,6 +9,7 @@ a second plan read no headers, and the cubes are byte-identical to the local one
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -144,11 +145,170 @@ def test_indexing_over_a_slow_link_batches_requests(tmp_path):
         elapsed = time.perf_counter() - start
         requests = server.reset()
     assert index.keys.to_pylist() == [f"k{i:04d}" for i in range(300)]
-    # tiny members: the headers of neighbours come in one range (up to 1 MiB) each
+    # tiny members: the headers of neighbours come in one range (up to 1 MiB) each; the
+    # size comes with the first block (Content-Range), not a HEAD
     gets = [r for r in requests if r.method == "GET"]
+    assert [r.method for r in requests if r.method != "GET"] == []
     assert len(gets) <= 12
     assert sum(r.bytes_out for r in gets) <= 2 * (tmp_path / "s.tar").stat().st_size
     assert elapsed < 0.02 * 300 / 2  # one header at a time: >= 6 s (20 ms each)
+
+
+def test_a_truncated_tar_reads_the_same_over_http(corpus, tmp_path):
+    """Short reads at the end of a tar are what finds it truncated, locally and remotely."""
+    from nasar_zarr import source
+    from nasar_zarr.errors import ShardCorruptError
+
+    tar = tmp_path / "a.tar"
+    data = (corpus.root / corpus.shard_paths[0]).read_bytes()
+    tar.write_bytes(data)
+    whole = source.index_tar(str(tar))
+    tar.write_bytes(data[: len(data) - 600_000])
+    found: dict[str, tuple] = {}
+    with RangeServer(tmp_path) as server:
+        for where, url in (("local", str(tar)), ("http", f"{server.url}/a.tar")):
+            problems: list = []
+            index = source.index_tar(url, shard="a.tar", problems=problems)
+            with pytest.raises(ShardCorruptError) as caught:
+                list(source.read_index(url, whole, shard="a.tar"))
+            found[where] = (index, [str(p) for p in problems], str(caught.value))
+        requests = server.reset()
+    assert found["http"] == found["local"]
+    index, problems, error = found["local"]
+    assert len(index) == 6 and problems == [
+        "a.tar: sample 'nasar_000000006': truncated tar: member 'nasar_000000006.npz' needs"
+        f" bytes up to {int(whole.offset[-1] + whole.size[-1]):,} but the file has"
+        f" {len(data) - 600_000:,}"
+    ]
+    assert error.startswith("a.tar: sample 'nasar_000000006': truncated tar: member")
+    assert {r.method for r in requests} == {"GET"}  # no HEAD for the size
+
+
+def test_open_binary_reads_a_remote_tar_with_tarfile(corpus):
+    """tarfile's own reader over HTTP: header blocks only, no HEAD for the size."""
+    import tarfile
+
+    from nasar_zarr import source
+
+    path = corpus.shard_paths[0]
+    with tarfile.open(corpus.root / path) as tf:
+        names = tf.getnames()
+        first = tf.extractfile(tf.getmembers()[0]).read()  # type: ignore[union-attr]
+    with RangeServer(corpus.root) as server:
+        with (
+            source.open_binary(f"{server.url}/{path}") as f,
+            tarfile.open(fileobj=f, mode="r:") as tf,
+        ):
+            assert tf.getnames() == names
+            listing = server.reset()
+            assert tf.extractfile(tf.getmembers()[0]).read() == first  # type: ignore[union-attr]
+    assert {(r.method, r.status) for r in listing} == {("GET", 206)}
+    assert {r.bytes_out for r in listing} == {512}
+
+
+def _rewrite(path: Path) -> None:
+    """The same bytes written again as a new file put in place at once (a new ETag), as
+    an upload replaces an object: a server never serves half of it."""
+    new = path.with_name(path.name + ".new")
+    new.write_bytes(path.read_bytes())
+    os.utime(new, ns=(0, 10**9))
+    os.replace(new, path)
+
+
+def test_a_tar_replaced_between_two_reads_fails_naming_it(corpus, tmp_path):
+    """A tar's first read records its version (ETag); the later ones ask for it (If-Match)."""
+    from nasar_zarr import source
+    from nasar_zarr.ranges import ObjectChangedError
+
+    tar = tmp_path / "a.tar"
+    shutil.copyfile(corpus.root / corpus.shard_paths[0], tar)
+    before = tar.stat()
+    with RangeServer(tmp_path) as server, source.ByteSource(f"{server.url}/a.tar") as src:
+        assert src.read(0, 512) == tar.read_bytes()[:512]
+        assert src.version == f'"{before.st_size:x}-{before.st_mtime_ns:x}"'
+        _rewrite(tar)
+        with pytest.raises(ObjectChangedError) as caught:
+            src.read(512, 512)
+        assert [(r.method, r.status) for r in server.reset()] == [("GET", 206), ("GET", 412)]
+    assert str(caught.value) == (
+        f"{server.url}/a.tar: the tar changed while it was being read (it is no longer the"
+        f" version {src.version}); plan the conversion again"
+    )
+
+
+def test_read_index_gives_one_version_then_the_error(corpus, tmp_path):
+    """Ranges are fetched ahead while samples are decoded; a change mid-tar stops the
+    samples at the last range of the old version."""
+    from nasar_zarr import source
+    from nasar_zarr.ranges import ObjectChangedError
+
+    tar = tmp_path / "a.tar"
+    shutil.copyfile(corpus.root / corpus.shard_paths[0], tar)
+    index = source.index_tar(str(tar))
+    local = [arrays["dem"].tobytes() for _, arrays in source.read_index(str(tar), index)]
+    assert len(local) == 7
+    with RangeServer(tmp_path) as server:
+        # one sample per range: the first 3 ranges are asked for before one is decoded
+        samples = source.read_index(f"{server.url}/a.tar", index, read_bytes=1)
+        got = [next(samples)[1]["dem"].tobytes()]
+        _rewrite(tar)
+        with pytest.raises(ObjectChangedError, match=r"/a.tar: the tar changed while it was"):
+            for _, arrays in samples:
+                got.append(arrays["dem"].tobytes())
+        statuses = [r.status for r in server.reset()]
+    assert 1 <= len(got) <= 3 and got == local[: len(got)]  # the old version only
+    # the first range alone (its ETag is the one asked for), then 2 in flight at a time:
+    # those asked for after the change fail the precondition
+    assert statuses[0] == 206 and 412 in statuses and set(statuses) == {206, 412}
+    assert statuses.count(206) >= len(got)
+
+
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_a_tar_replaced_after_planning_fails_the_tasks_reading_it(where, corpus, s3, tmp_path):
+    """A task reads each tar at the version the plan saw (If-Match with the planned ETag):
+    a tar replaced after execute's check fails the task by name before it writes."""
+    import s3fs
+
+    from nasar_zarr import corpus as corpus_mod
+    from nasar_zarr import layout, task
+    from nasar_zarr.ranges import ObjectChangedError
+
+    replaced = corpus.shard_paths[0]
+    other = (corpus.root / corpus.shard_paths[1]).read_bytes()
+    if where == "http":
+        root = tmp_path / "corpus"
+        shutil.copytree(corpus.root, root)
+        server = RangeServer(root).start()
+        src, options = server.url, {}
+    else:
+        options, _ = s3
+        fs = s3fs.S3FileSystem(**options)
+        fs.put(str(corpus.root) + "/", "bkt/replaced/", recursive=True)
+        src = "s3://bkt/replaced"
+    try:
+        dest = tmp_path / "cube.zarr"
+        plan = plan_conversion(src, str(dest), shard=4, inner_chunk=2, storage_options=options)
+        # another tar takes its place once execute has checked the tars (as a worker sees it)
+        if where == "http":
+            (root / (replaced + ".new")).write_bytes(other)
+            os.replace(root / (replaced + ".new"), root / replaced)
+        else:
+            fs.pipe(f"bkt/replaced/{replaced}", other)
+        metadata = corpus_mod.MetadataColumns(plan.source, plan.storage_options)
+        layout.prepare_store(plan, metadata, overwrite=False)
+        with pytest.raises(ObjectChangedError) as caught:
+            task.run_plan_tasks(plan, done=set(), lock_token=None, workers=0)
+    finally:
+        if where == "http":
+            server.stop()
+    etag = task.planned_versions(plan)[replaced]
+    assert str(caught.value) == (
+        f"{src}/{replaced}: the tar changed while it was being read (it is no longer the"
+        f" version {etag}); plan the conversion again"
+    )
+    # the first task reads the replaced tar: it wrote nothing, so a rerun redoes it
+    assert not (dest / store.task_record_path(0)).exists()
+    assert not (dest / "rtc/c/0/0/0/0/0/0").exists()
 
 
 @pytest.mark.skipif(

@@ -361,3 +361,23 @@ def test_ranges_over_one_kept_alive_connection_are_exact(http_cube, small_cube):
         b = int(rng.integers(a + 1, min(len(data), a + 300_000) + 1))
         got = httpranges.get(f"{url}/rtc/c/1/0/0/0/0/0", f"bytes={a}-{b - 1}")
         assert got.status == 206 and bytes(got.body) == data[a:b] and got.total == len(data)
+
+
+def test_fetch_is_short_at_the_end_and_never_coalesces(tmp_path):
+    """Location.fetch (the converter's tar reads): ranges as asked, short past the end."""
+    data = bytes(range(256)) * 40  # 10,240 bytes
+    (tmp_path / "obj").write_bytes(data)
+    asked = [("obj", 0, 10, None), ("obj", 12, 20, None), ("obj", 10_230, 10_250, None)]
+    with RangeServer(tmp_path) as server:
+        remote = ranges.Location.of(server.url).fetch(asked)
+        requests = server.reset()
+        past = ranges.Location.of(server.url).fetch([("obj", 20_000, 20_512, None)])
+    local = ranges.Location.of(str(tmp_path)).fetch(asked)
+    expected = [data[0:10], data[12:20], data[10_230:]]
+    assert [bytes(t.data) for t in remote] == [bytes(t.data) for t in local] == expected
+    assert {t.size for t in remote} == {t.size for t in local} == {len(data)}
+    assert sorted(r.range for r in requests) == ["bytes=0-9", "bytes=10230-10249", "bytes=12-19"]
+    assert bytes(past[0].data) == b""
+    # a version asked for that the object no longer has
+    with pytest.raises(ranges.ObjectChangedError, match=r"/obj: the object changed"):
+        ranges.Location.of(str(tmp_path)).fetch([("obj", 0, 1, "0-0")])

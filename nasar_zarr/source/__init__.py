@@ -11,7 +11,8 @@ One module per job, lowest first (each imports only those above it):
 - :mod:`~nasar_zarr.source.members`: :class:`Member`, :class:`SampleEntry`, the
   member size cap.
 - :mod:`~nasar_zarr.source.files`: bytes of one file, local or remote
-  (:class:`ByteSource`, ``open_binary``, ``file_size``, ``is_remote``, ``join``).
+  (:class:`ByteSource`, ``open_binary``, ``file_size``, ``if_match``, ``is_remote``,
+  ``join``).
 - :mod:`~nasar_zarr.source.tar`: tar headers (:func:`scan_tar`, :class:`TarMembers`).
 - :mod:`~nasar_zarr.source.index`: members grouped into samples
   (:class:`TarIndex`, :func:`index_tar`, :func:`index_shard`, :func:`member_key`).
@@ -31,7 +32,7 @@ Everything public is re-exported here, so ``from nasar_zarr import source`` and
 from __future__ import annotations
 
 from .deflate import INFLATER, INFLATERS, crc32, inflate
-from .files import ByteSource, file_size, is_remote, join, open_binary
+from .files import ByteSource, file_size, if_match, is_remote, join, open_binary
 from .index import TarIndex, index_shard, index_tar, member_key
 from .members import DEFAULT_MAX_MEMBER_BYTES, Member, SampleEntry
 from .npz import decode_npy, decode_npz
@@ -54,6 +55,7 @@ __all__ = [
     "decode_npz",
     "decode_sample",
     "file_size",
+    "if_match",
     "index_shard",
     "index_tar",
     "inflate",

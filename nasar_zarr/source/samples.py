@@ -3,7 +3,11 @@ decoded and validated; a bad sample is yielded as its error."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,37 @@ from .validate import validate_sample
 
 READ_BYTES = 8 * 2**20  # a task reads its span of a tar in ranges of at least this much
 _MAX_GAP = 2**20  # bytes of unwanted members read through rather than split the range
+READ_AHEAD = 2  # remote ranges in flight while one is decoded (memory: this many ranges more)
+
+
+def _reads(src: ByteSource, ranges: list[tuple[int, int]]) -> Generator[bytes, None, None]:
+    """The ranges' bytes in order; remotely the next :data:`READ_AHEAD` are in flight (on
+    threads of this call) while one is decoded, after a first read that records the
+    version the others ask for."""
+    if not src.remote or len(ranges) < 2:  # local reads come from the page cache
+        for a, b in ranges:
+            yield src.read(a, b - a)
+        return
+    todo = iter(ranges)
+    first = None
+    if src.version is None:
+        a, b = next(todo)
+        first = src.read(a, b - a)
+    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="nasar-read-ahead") as pool:
+        pending = deque(pool.submit(src.read, a, b - a) for a, b in islice(todo, READ_AHEAD))
+        try:
+            if first is not None:
+                yield first
+                first = None
+            while pending:
+                data = pending.popleft().result()
+                for a, b in islice(todo, 1):
+                    pending.append(pool.submit(src.read, a, b - a))
+                yield data
+                del data
+        finally:
+            for future in pending:  # the caller stopped early or a read failed
+                future.cancel()
 
 
 def read_index(
@@ -34,6 +69,7 @@ def read_index(
     storage_options: Mapping[str, Any] | None = None,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     read_bytes: int = READ_BYTES,
+    version: str | None = None,
 ) -> Iterator[tuple[str, dict[str, np.ndarray] | SourceError]]:
     """Read and validate the samples of ``index`` in a few large ranged reads.
 
@@ -42,7 +78,9 @@ def read_index(
     over 1 MiB (samples not asked for) starts a new range. Yields
     ``(key, arrays)``, or ``(key, error)`` for a bad sample; a tar that ends
     before a member does raises :class:`ShardCorruptError` (after the samples
-    before it).
+    before it). Remotely the next :data:`READ_AHEAD` ranges are fetched while
+    a range's samples are decoded; a tar that changes while it is read raises
+    :class:`~nasar_zarr.ranges.ObjectChangedError` naming it.
 
     Parameters
     ----------
@@ -58,6 +96,9 @@ def read_index(
         Size cap of an inflated npz entry.
     read_bytes
         Smallest range read at once (the last one of a span may be shorter).
+    version
+        The tar's version (ETag, as ``If-Match`` takes it) the index was made
+        from: every read asks for it. Default: the version of the first read.
 
     Returns
     -------
@@ -76,19 +117,26 @@ def read_index(
         return
     start, ends = index.member_start, index.offset + index.size
     first = index.offset[start[:-1]] if len(index.offset) else np.zeros(n, np.int64)
-    with ByteSource(url, storage_options) as src:
-        lo = 0
-        while lo < n:
-            begin = int(first[lo])
-            end = int(ends[start[lo] : start[lo + 1]].max(initial=begin))
-            hi = lo + 1
-            while hi < n and end - begin < read_bytes:
-                nxt = int(first[hi])
-                if nxt < end or nxt - end > _MAX_GAP:
-                    break
-                end = max(end, int(ends[start[hi] : start[hi + 1]].max(initial=nxt)))
-                hi += 1
-            data = memoryview(src.read(begin, end - begin))
+    spans: list[tuple[int, int, int, int]] = []  # (lo, hi, begin, end): samples lo:hi
+    lo = 0
+    while lo < n:
+        begin = int(first[lo])
+        end = int(ends[start[lo] : start[lo + 1]].max(initial=begin))
+        hi = lo + 1
+        while hi < n and end - begin < read_bytes:
+            nxt = int(first[hi])
+            if nxt < end or nxt - end > _MAX_GAP:
+                break
+            end = max(end, int(ends[start[hi] : start[hi + 1]].max(initial=nxt)))
+            hi += 1
+        spans.append((lo, hi, begin, end))
+        lo = hi
+    with (
+        ByteSource(url, storage_options, version=version) as src,
+        closing(_reads(src, [(b, e) for _, _, b, e in spans])) as reads,
+    ):
+        for (lo, hi, begin, _), got in zip(spans, reads, strict=True):
+            data = memoryview(got)
             for i in range(lo, hi):
                 key = index.keys[i].as_py()
                 payloads: list[tuple[Member, Any]] = []
@@ -124,8 +172,7 @@ def read_index(
                     DuplicateSampleError,
                 ) as exc:
                     yield key, exc
-            del data
-            lo = hi
+            del data, got
 
 
 def read_samples(

@@ -71,7 +71,7 @@ def scan_tar(src: ByteSource, *, max_batch: int | None = None) -> TarMembers:
     ...     members = scan_tar(src)
     >>> members.names[:2], members.offsets[:2]  # doctest: +SKIP
     """
-    remote = src._fs is not None
+    remote = src.remote
     src.requests = 0
     max_batch = max_batch or (256 if remote else 16384)
     names: list[str] = []
