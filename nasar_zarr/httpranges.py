@@ -77,6 +77,16 @@ _LOCK = threading.Lock()
 _CLIENT: _Client | None = None
 
 
+def _forget_after_fork() -> None:
+    """A forked child starts with no client and a fresh lock (a parent thread may have
+    held it at the fork)."""
+    global _LOCK, _CLIENT
+    _LOCK, _CLIENT = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _client() -> _Client:
     global _CLIENT
     with _LOCK:
@@ -115,6 +125,16 @@ def get(
         return Response(response.status, body, etag, len(body) if total is None else total)
     finally:
         response.release_conn()
+
+
+def request_headers(options: Mapping[str, Any]) -> dict[str, str]:
+    """The headers every request of a store gets: its ``headers`` option, and a
+    ``token`` option (the Hub's, as ``hf://`` URLs take it) as a bearer token."""
+    headers = {str(k): str(v) for k, v in dict(options.get("headers") or {}).items()}
+    token = options.get("token")
+    if isinstance(token, str) and token and "Authorization" not in headers:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
 
 
 def map_requests(function: Callable[..., T], jobs: Sequence[tuple[Any, ...]]) -> list[T]:

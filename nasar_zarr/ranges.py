@@ -384,8 +384,7 @@ def _web(method: str, where: Location, *args: Any) -> Any:
     """The seam over HTTP(S): :mod:`nasar_zarr.httpranges` (blocking ``readinto`` on a
     per-process pool) with the same semantics as the fsspec path: Range, If-Match,
     suffix ranges for tails, 404 as absent, 412 as a changed object."""
-    options = dict(where.storage_options)
-    headers = dict(options.get("headers") or {})
+    headers = httpranges.request_headers(dict(where.storage_options))
     if method == "_round":
         tail_keys, nbytes, whole_keys, requests = args
         jobs: list[tuple[Any, ...]] = [

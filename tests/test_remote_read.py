@@ -381,3 +381,34 @@ def test_fetch_is_short_at_the_end_and_never_coalesces(tmp_path):
     # a version asked for that the object no longer has
     with pytest.raises(ranges.ObjectChangedError, match=r"/obj: the object changed"):
         ranges.Location.of(str(tmp_path)).fetch([("obj", 0, 1, "0-0")])
+
+
+def test_request_headers_carry_a_hub_token():
+    from nasar_zarr.httpranges import request_headers
+
+    assert request_headers({}) == {}
+    assert request_headers({"token": "hf_x"}) == {"Authorization": "Bearer hf_x"}
+    given = {"headers": {"Authorization": "Bearer mine", "X-A": 1}, "token": "hf_x"}
+    assert request_headers(given) == {"Authorization": "Bearer mine", "X-A": "1"}
+
+
+def test_a_forked_child_builds_its_own_http_client(http_cube, small_cube):
+    from nasar_zarr import httpranges
+
+    url, _ = http_cube
+    httpranges.get(f"{url}/zarr.json")  # the parent's client and pool
+    parent = httpranges._CLIENT
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a new client, and it reads
+        try:
+            fresh = httpranges._CLIENT is None
+            body = httpranges.get(f"{url}/zarr.json").body
+            ok = fresh and bytes(body) == (small_cube / "zarr.json").read_bytes()
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    assert httpranges._CLIENT is parent  # the parent's is untouched
