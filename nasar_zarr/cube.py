@@ -206,7 +206,8 @@ class _LazyTimes(xr.backends.BackendArray):
 def _lazy_times(raw: xr.Variable, decode_times: Any) -> xr.Variable:
     """``raw`` as the decoded time variable ``xr.decode_cf`` makes, read on first use."""
     like = _decode_times(raw[:0].copy(deep=True).load(), decode_times)
-    lazy = indexing.LazilyIndexedArray(_LazyTimes(raw, decode_times))
+    # cached once read, as xarray caches what it opens without dask (cache=True)
+    lazy = indexing.MemoryCachedArray(indexing.LazilyIndexedArray(_LazyTimes(raw, decode_times)))
     return xr.Variable(raw.dims, lazy, like.attrs, like.encoding)
 
 
