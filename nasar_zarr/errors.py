@@ -1,5 +1,12 @@
 """One error hierarchy. Every subclass also inherits the matching built-in, so
-callers can catch ``ValueError`` / ``FileExistsError`` as they are used to."""
+callers can catch ``ValueError`` / ``FileExistsError`` as they are used to.
+
+Where that built-in has its own constructor (the ``OSError`` family,
+``MemoryError``) it comes first among the bases: dask.distributed pickles a
+task's exception with tblib, which rebuilds it with the first base's
+``__new__``, and any other order came back to the client as a bare
+``Exception`` holding the text.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +68,7 @@ class StoreError(NasarZarrError, RuntimeError):
     """The destination store cannot be used as asked."""
 
 
-class StoreExistsError(StoreError, FileExistsError):
+class StoreExistsError(FileExistsError, StoreError):
     """The destination holds a store made with different options."""
 
 
@@ -69,7 +76,7 @@ class StoreLockedError(StoreError):
     """Another conversion holds the store's lock."""
 
 
-class NotACubeError(StoreError, FileNotFoundError):
+class NotACubeError(FileNotFoundError, StoreError):
     """The path does not exist, or holds no cube written by nasar-zarr."""
 
 
@@ -81,15 +88,15 @@ class StorageOptionsError(NasarZarrError, TypeError):
     """A storage option the filesystem of a URL does not take."""
 
 
-class EndpointError(StoreError, ConnectionError):
+class EndpointError(ConnectionError, StoreError):
     """The endpoint of a URL cannot be reached, or does not answer as that kind of store."""
 
 
-class NoSuchBucketError(StoreError, FileNotFoundError):
+class NoSuchBucketError(FileNotFoundError, StoreError):
     """The bucket of an ``s3://`` URL does not exist at its endpoint."""
 
 
-class ReadTooLargeError(NasarZarrError, MemoryError):
+class ReadTooLargeError(MemoryError, NasarZarrError):
     """Loading would put more in memory than the stated limit; read lazily instead."""
 
 

@@ -277,3 +277,30 @@ def test_oversized_tar_member_under_both_policies(pristine, tmp_path, capsys):
     assert len(plan.rejected) == 8
     ds = plan.execute(workers=0)
     np.testing.assert_array_equal(ds.status.values, schema.STATUS_REJECTED)
+
+
+def test_every_error_survives_a_trip_from_a_dask_worker():
+    """dask.distributed sends a task's exception to the client with tblib's pickling:
+    each of ours must come back as itself, with its text."""
+    import inspect
+
+    from distributed.protocol import pickle as dask_pickle
+    from tblib import pickling_support
+
+    from nasar_zarr import backend, errors, ranges, sharding
+
+    classes = {
+        cls
+        for module in (errors, backend, ranges, sharding)
+        for cls in vars(module).values()
+        if inspect.isclass(cls)
+        and issubclass(cls, BaseException)
+        and cls.__module__.startswith("nasar_zarr")
+    }
+    assert len(classes) >= 20
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        needs_shard = "shard" in inspect.signature(cls.__init__).parameters
+        error = cls("s.tar: k: bad", shard="s.tar", key="k") if needs_shard else cls("a: b")
+        pickling_support.install(error)
+        back = dask_pickle.loads(dask_pickle.dumps(error, protocol=4))
+        assert type(back) is cls and str(back) == str(error), cls.__name__

@@ -346,7 +346,7 @@ def test_a_host_that_stops_answering_is_one_line(small_cube):
     server.stop()
     backend.INDEX_CACHE._reset()
     for read in (lambda: ds.rtc.isel(sample=[3]).values, lambda: reader[5]):
-        with pytest.raises(EndpointError) as err:
+        with pytest.raises(EndpointError) as err, dask.config.set(scheduler="threads"):
             read()
         text = str(err.value)
         assert "\n" not in text and text.startswith(f"{url}/rtc/c/")
