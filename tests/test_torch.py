@@ -504,21 +504,21 @@ def is_permutation(order, n):
     window=st.integers(1, 5),
     seed=st.integers(0, 2**32),
     epoch=st.integers(0, 100),
+    block_chunks=st.integers(1, 4),
 )
-def test_shard_aware_order_properties(cube, shard_chunks, inner, window, seed, epoch):
+def test_shard_aware_order_properties(cube, shard_chunks, inner, window, seed, epoch, block_chunks):
     shard = shard_chunks * inner
     cube = np.array(cube, dtype=np.int64)
-    order = shard_aware_order(
-        cube, shard=shard, inner_chunk=inner, seed=seed, epoch=epoch, window=window
-    )
+    args = {"shard": shard, "inner_chunk": inner, "window": window, "block_chunks": block_chunks}
+    order = shard_aware_order(cube, seed=seed, epoch=epoch, **args)
     assert is_permutation(order, cube.size)
-    again = shard_aware_order(
-        cube.copy(), shard=shard, inner_chunk=inner, seed=seed, epoch=epoch, window=window
-    )
+    again = shard_aware_order(cube.copy(), seed=seed, epoch=epoch, **args)
     assert order.tolist() == again.tolist()  # a pure function
     visited = cube[order]
-    # Every inner-chunk block is contiguous in the order, and in cube order inside.
-    blocks = visited // inner
+    # Every block (block_chunks inner chunks of one shard, counted from the shard's
+    # start) is contiguous in the order, and in cube order inside.
+    span = inner * block_chunks
+    blocks = (visited // shard) * shard + (visited % shard) // span
     for b in np.unique(blocks):
         where = np.flatnonzero(blocks == b)
         assert where.tolist() == list(range(where[0], where[-1] + 1))
@@ -542,6 +542,30 @@ def test_shard_aware_order_shuffles_and_validates():
         shard_aware_order(cube, shard=8, inner_chunk=2, seed=-1, epoch=0)
     with pytest.raises(ValueError, match="window must be a positive integer, got 0"):
         shard_aware_order(cube, shard=8, inner_chunk=2, seed=0, epoch=0, window=0)
+    with pytest.raises(ValueError, match="block_chunks must be a positive integer, got 0"):
+        shard_aware_order(cube, shard=8, inner_chunk=2, seed=0, epoch=0, block_chunks=0)
+    # the default is one inner chunk per block: the order saved states were taken in
+    explicit = shard_aware_order(cube, shard=8, inner_chunk=2, seed=0, epoch=0, block_chunks=1)
+    assert explicit.tolist() == a.tolist()
+    assert a[:8].tolist() == [20, 21, 18, 19, 52, 53, 32, 33]  # as before block_chunks
+
+
+def test_larger_blocks_read_a_batch_in_fewer_runs(small_cube, rtc_ds):
+    one = ShardAwareSampler(rtc_ds, seed=2)
+    four = ShardAwareSampler(rtc_ds, seed=2, block_chunks=4)  # a whole 8-sample shard
+    runs = {}
+    for name, sampler in (("one", one), ("four", four)):
+        order = sampler.epoch_indices(0)
+        runs[name] = len(_runs(np.sort(rtc_ds.sample_indices[order[:8]]), 2)[0])
+        assert sorted(order.tolist()) == list(range(len(rtc_ds)))
+    assert runs["four"] == 1 and runs["one"] > 1
+    state = four.state_dict(samples_consumed=5)
+    assert state["block_chunks"] == 4
+    with pytest.raises(ValueError, match="block_chunks: saved 4, here 1"):
+        one.load_state_dict(state)
+    old = {k: v for k, v in one.state_dict(samples_consumed=3).items() if k != "block_chunks"}
+    one.load_state_dict(old)  # a state saved before block_chunks existed
+    assert one.state_dict()["position"] == 3
 
 
 @pytest.fixture(scope="module")

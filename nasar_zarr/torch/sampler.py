@@ -24,6 +24,7 @@ def shard_aware_order(
     seed: int,
     epoch: int,
     window: int = DEFAULT_WINDOW,
+    block_chunks: int = 1,
 ) -> np.ndarray:
     """A shuffled order of items that keeps reads inside a few Zarr shards at a time.
 
@@ -42,6 +43,10 @@ def shard_aware_order(
         Non-negative integers; the order depends on nothing else.
     window
         Shards whose blocks are shuffled together.
+    block_chunks
+        Inner chunks per block (consecutive in the cube, inside one shard): 1
+        shuffles single inner chunks; more gives fewer, larger reads (on object
+        storage, fewer requests per sample) and less mixing inside a batch.
 
     Returns
     -------
@@ -56,7 +61,8 @@ def shard_aware_order(
     for name, value in (("seed", seed), ("epoch", epoch)):
         if int(value) != value or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    for name, value in (("shard", shard), ("inner_chunk", inner_chunk), ("window", window)):
+    named = (("shard", shard), ("inner_chunk", inner_chunk), ("window", window))
+    for name, value in (*named, ("block_chunks", block_chunks)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     cube = np.asarray(sample_indices, dtype=np.int64).reshape(-1)
@@ -66,7 +72,10 @@ def shard_aware_order(
     shards, shard_of = np.unique(cube // int(shard), return_inverse=True)
     visit = np.empty(shards.size, np.int64)
     visit[rng.permutation(shards.size)] = np.arange(shards.size)  # shard -> its turn
-    blocks, block_of = np.unique(cube // int(inner_chunk), return_inverse=True)
+    span = int(inner_chunk) * int(block_chunks)
+    # a block never straddles two shards: blocks are counted from each shard's start
+    block_id = (cube // int(shard)) * -(-int(shard) // span) + (cube % int(shard)) // span
+    blocks, block_of = np.unique(block_id, return_inverse=True)
     block_key = rng.permutation(blocks.size)
     window_of = visit[shard_of.reshape(-1)] // int(window)
     return np.lexsort((np.arange(cube.size), cube, block_key[block_of.reshape(-1)], window_of))
@@ -99,6 +108,10 @@ class ShardAwareSampler(Sampler[int]):
         Cut the tail instead of padding when the size is not a multiple of ``num_replicas``.
     window
         Shards whose inner-chunk blocks are shuffled together.
+    block_chunks
+        Inner chunks kept together as one shuffled block (see
+        :func:`shard_aware_order`): 4 reads a 32-sample batch of a 2-sample-chunk
+        cube as 4 runs of 8 samples, about a quarter of the requests of 1.
 
     Examples
     --------
@@ -119,6 +132,7 @@ class ShardAwareSampler(Sampler[int]):
         rank: int | None = None,
         drop_last: bool = False,
         window: int = DEFAULT_WINDOW,
+        block_chunks: int = 1,
     ) -> None:
         try:
             indices = np.asarray(dataset.sample_indices, dtype=np.int64)
@@ -139,8 +153,15 @@ class ShardAwareSampler(Sampler[int]):
                 f"num_replicas={num_replicas}, rank={rank}"
             )
         shard_aware_order(
-            indices[:1], shard=shard, inner_chunk=inner, seed=seed, epoch=0, window=window
+            indices[:1],
+            shard=shard,
+            inner_chunk=inner,
+            seed=seed,
+            epoch=0,
+            window=window,
+            block_chunks=block_chunks,
         )  # validates the arguments
+        self.block_chunks = int(block_chunks)
         self._cube = indices
         self._shard, self._inner, self.window = shard, inner, int(window)
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
@@ -188,6 +209,7 @@ class ShardAwareSampler(Sampler[int]):
                 seed=self.seed,
                 epoch=epoch,
                 window=self.window,
+                block_chunks=self.block_chunks,
             )
         else:
             order = np.arange(n, dtype=np.int64)
@@ -258,6 +280,7 @@ class ShardAwareSampler(Sampler[int]):
             "seed": self.seed,
             "shuffle": self.shuffle,
             "window": self.window,
+            "block_chunks": self.block_chunks,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
             "drop_last": self.drop_last,
@@ -274,7 +297,8 @@ class ShardAwareSampler(Sampler[int]):
             From :meth:`state_dict` of a sampler with the same settings and dataset.
         """
         mine = self._settings()
-        differ = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        saved = {"block_chunks": 1, **state}  # states saved before block_chunks existed
+        differ = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if differ:
             text = ", ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in differ.items())
             raise ValueError(
