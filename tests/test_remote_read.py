@@ -200,12 +200,12 @@ def test_plain_xarray_reads_the_http_cube(http_cube, local):
     np.testing.assert_array_equal(ds.dem.values, local.dem.values)
 
 
-def test_a_one_worker_two_thread_cluster_reduces_a_remote_cube(s3_cube, local):
+def test_a_one_worker_two_thread_cluster_reduces_a_remote_cube(remote, local):
     """The fast remote reader inside a real dask worker process (its own clients and
-    index cache, made there): the means equal the local ones."""
+    index cache, made there), over S3 and HTTP: the sums equal the local ones."""
     from distributed import Client, LocalCluster
 
-    url, options, _ = s3_cube
+    url, options = remote
     ds = open_cube(url, storage_options=options)
     with (
         LocalCluster(
