@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import urllib3
 
 T = TypeVar("T")
@@ -43,7 +44,7 @@ class Response:
     """What a ranged GET returned: status, body, ETag and the object's total size."""
 
     status: int
-    body: bytearray
+    body: memoryview  # bytes, writable, owned by the response
     etag: str | None
     total: int | None  # from Content-Range, or the length of a whole (200) body
 
@@ -118,7 +119,7 @@ def get(
     try:
         etag = response.headers.get("ETag")
         if response.status >= 300:
-            return Response(response.status, bytearray(), etag, None)
+            return Response(response.status, memoryview(b""), etag, None)
         length = response.headers.get("Content-Length")
         body = _read_into(response, int(length) if length and length.isdigit() else None)
         total = _total(response.headers.get("Content-Range"))
@@ -153,25 +154,23 @@ def reason(exc: BaseException) -> str:
     return f"no answer ({type(cause).__name__}: {text})"
 
 
-def _read_into(response: Any, length: int | None) -> bytearray:
+def _read_into(response: Any, length: int | None) -> memoryview:
     if length is None:  # no Content-Length (chunked): let urllib3 assemble it
-        return bytearray(response.read())
+        return memoryview(response.read())
     # urllib3's own readinto reads into a temporary and copies; the http.client response
-    # under it receives straight into our buffer (recv_into), once
+    # under it receives straight into our buffer (recv_into), once. The buffer is numpy's:
+    # not zeroed first (bytearray(n) writes every page before the socket does), and
+    # large ones on huge pages where the kernel allows
     raw = getattr(response, "_fp", None)
     readinto = raw.readinto if isinstance(raw, http.client.HTTPResponse) else response.readinto
-    body = bytearray(length)
-    view = memoryview(body)
+    body = np.empty(length, np.uint8).data
     got = 0
     while got < length:
-        n = readinto(view[got:])
+        n = readinto(body[got:])
         if not n:
             break
         got += n
-    view.release()
-    if got < length:  # the connection ended early: what came is what the caller checks
-        del body[got:]
-    return body
+    return body[:got]  # short if the connection ended early: the caller checks the length
 
 
 def _total(content_range: str | None) -> int | None:

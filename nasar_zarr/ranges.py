@@ -443,7 +443,7 @@ def _web_get(
         return Tail(b"", 0, response.etag)
     if response.status >= 400:
         raise FileNotFoundError(f"{url}: HTTP {response.status}")
-    data: bytes | bytearray | memoryview = response.body
+    data: bytes | memoryview = response.body
     if version and response.etag and response.etag != version:  # a server ignoring If-Match
         raise _changed(url)
     size = response.total if response.total is not None else len(data)
