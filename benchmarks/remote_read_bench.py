@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             f"the mean of every variable through open_cube's default chunks, {n} samples,"
             " HTTP range server in its own process on the same 2 cores, no added latency,"
             " against the same on the local copy. Profile (per sample, 0.81 MB stored):"
-            " local 0.83 ms CPU from the page cache (memory maps, no copy); remote 1.9 ms"
+            " local 0.83 ms CPU from the page cache (memory maps, no copy); remote ~1.5 ms"
             " client CPU (the socket copy, fresh buffers' page faults, per-request work)"
             " plus 0.26 ms in the server, on the same 2 cores"
         ),
