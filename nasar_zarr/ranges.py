@@ -441,6 +441,13 @@ def _web_get(
         raise _changed(url)
     if response.status == 416:
         return Tail(b"", 0, response.etag)
+    if response.status in (401, 403):
+        raise PermissionError(
+            f"{url}: HTTP {response.status}, not allowed (credentials: the headers or, for"
+            " the Hub, the token storage option)"
+        )
+    if response.status >= 500:
+        raise EndpointError(f"{url}: HTTP {response.status} from the server, after retries")
     if response.status >= 400:
         raise FileNotFoundError(f"{url}: HTTP {response.status}")
     data: bytes | memoryview = response.body

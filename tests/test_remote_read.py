@@ -415,3 +415,39 @@ def test_a_forked_child_builds_its_own_http_client(http_cube, small_cube):
     assert os.read(read, 1) == b"1"
     os.waitpid(pid, 0)
     assert httpranges._CLIENT is parent  # the parent's is untouched
+
+
+@pytest.mark.parametrize(
+    "status,error,text",
+    [
+        (403, PermissionError, "HTTP 403, not allowed (credentials"),
+        (404, FileNotFoundError, "HTTP 404"),
+        (503, ConnectionError, "HTTP 503 from the server, after retries"),
+    ],
+)
+def test_http_refusals_are_one_line_and_typed(status, error, text):
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cube"
+        with pytest.raises(error) as err:
+            ranges.Location.of(url).ranges([("rtc/c/0", 0, 10, None)])
+        message = str(err.value)
+        assert message.startswith(f"{url}/rtc/c/0: {text}") and "\n" not in message
+    finally:
+        server.shutdown()
+        server.server_close()
