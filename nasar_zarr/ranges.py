@@ -392,7 +392,10 @@ def _web(method: str, where: Location, *args: Any) -> Any:
             *((where, k, None, None, headers) for k in whole_keys),
         ]
         merged = coalesce(requests)
-        jobs += [(where, k, f"bytes={a}-{b - 1}", v, headers) for k, a, b, v in _requests(merged)]
+        jobs += [
+            (where, k, f"bytes={a}-{b - 1}", v, headers)
+            for k, a, b, v in (m.request for m in merged)
+        ]
         got = httpranges.map_requests(_web_get, jobs)
         tails = got[: len(tail_keys)]
         wholes = got[len(tail_keys) : len(tail_keys) + len(whole_keys)]
@@ -421,10 +424,6 @@ def _web(method: str, where: Location, *args: Any) -> Any:
     if method == "_wholes":
         return _web("_round", where, [], 0, args[0], [])[1]
     return _web("_round", where, [], 0, [], args[0])[2]
-
-
-def _requests(merged: Sequence[Merged]) -> list[tuple[str, int, int, str | None]]:
-    return [m.request for m in merged]
 
 
 def _web_get(
