@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import subprocess
@@ -95,6 +96,14 @@ def assert_store_equals_source(dest: Path, corpus_root: Path, expected=None) -> 
         ]
     )
     np.testing.assert_array_equal(group["rtc_present"][:], present)
+
+
+@pytest.fixture
+def collect_garbage():
+    """Collect cyclic garbage after the test, so what it left (a DataLoader's worker
+    shutdown, a thread pool) is finalized here, not on a later test's server thread."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

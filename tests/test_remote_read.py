@@ -20,6 +20,8 @@ import xarray as xr
 from nasar_zarr import backend, open_cube, ranges, sharding
 from nasar_zarr.testing.http import CountingProxy, RangeServer
 
+pytestmark = pytest.mark.usefixtures("collect_garbage")  # see conftest
+
 VARIABLES = ["rtc", "inc_angle", "ifg", "coh", "dem", "slope_deg", "rtc_present", "status"]
 
 
@@ -292,16 +294,16 @@ def test_our_loader_reads_each_workers_next_batch_ahead(http_cube, small_cube):
     for ahead in (False, None):  # None: the default, on for a remote cube
         far = InSARDataset(url, read_ahead=ahead)
         sampler = ShardAwareSampler(far, seed=3)
-        loader = dataloader(far, batch_size=4, sampler=sampler, num_workers=2)
         backend.INDEX_CACHE._reset()
         server.reset()
         order = []
-        for batch in loader:
-            want = near.__getitems__(batch["index"].tolist())
-            for k, item in enumerate(want):
-                for key in ("prime_rtc_view_0", "ifg_view_1", "slope_view_0"):
-                    assert torch.equal(batch[key][k], item[key]), key
-            order += batch["index"].tolist()
+        with dataloader(far, batch_size=4, sampler=sampler, num_workers=2) as loader:
+            for batch in loader:
+                want = near.__getitems__(batch["index"].tolist())
+                for k, item in enumerate(want):
+                    for key in ("prime_rtc_view_0", "ifg_view_1", "slope_view_0"):
+                        assert torch.equal(batch[key][k], item[key]), key
+                order += batch["index"].tolist()
         assert order == sampler.epoch_indices(0).tolist()
         counts[ahead] = sorted((r.path, r.range) for r in server.reset())
     assert counts[None] == counts[False]  # every hint was right: nothing read twice

@@ -30,6 +30,10 @@ from nasar_zarr.torch import (  # noqa: E402
 )
 from tests.conftest import decode_with_card  # noqa: E402
 
+# A loader left in a reference cycle stops its workers when collected, taking up to
+# 5 s per worker on whichever thread collects: here, not in a later test's server.
+pytestmark = pytest.mark.usefixtures("collect_garbage")
+
 RTC_KEYS = ["prime_rtc_view_0", "secondary_rtc_view_0", "prime_rtc_view_1", "secondary_rtc_view_1"]
 INSAR_KEYS = RTC_KEYS + [
     f"{name}_view_{v}"
@@ -293,6 +297,13 @@ def test_dataloader_two_workers_end_to_end(small_cube):
             for key in INSAR_KEYS:
                 assert torch.equal(batch[key][j], reference[i][key]), (i, key)
     assert order == sampler.epoch_indices(0).tolist()
+    workers = loader._iterator._workers
+    loader.close()  # persistent workers stop now, not whenever the loader is collected
+    assert [w.exitcode for w in workers] == [0, 0] and loader._iterator is None
+    assert len([b for b in loader]) == 7  # and start again on the next epoch
+    with loader:
+        workers = loader._iterator._workers
+    assert [w.exitcode for w in workers] == [0, 0]
     forkserver = dataloader(ds, batch_size=8, num_workers=1, multiprocessing_context="forkserver")
     assert forkserver.multiprocessing_context.get_start_method() == "forkserver"
     assert [int(i) for b in forkserver for i in b["index"]] == list(range(32))
@@ -913,12 +924,13 @@ def test_pooled_buffers_are_reused_only_once_released(small_cube, options):
 
     loader._hold = spy
     kept = []
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            assert "_buffer" not in batch
-            if epoch == 0:
-                kept.append(batch)  # held by the loop: their buffers must never be reused
+    with loader:
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                assert "_buffer" not in batch
+                if epoch == 0:
+                    kept.append(batch)  # held by the loop: their buffers must never be reused
     for batch in kept:
         for j, i in enumerate(batch["index"].tolist()):
             for key in keys:
@@ -938,8 +950,8 @@ def test_metadata_columns_ride_along(small_cube, table):
     assert batch["quality_score"].tolist() == table.quality_score[order].tolist()
     assert batch["track"].tolist() == table.track[order].tolist()
     assert batch["orbit_direction"] == table.orbit_direction[order].tolist()
-    loader = dataloader(ds, batch_size=8, num_workers=1)
-    first = next(iter(loader))
+    with dataloader(ds, batch_size=8, num_workers=1) as loader:
+        first = next(iter(loader))
     assert first["track"].tolist() == table.track[:8].tolist()
     for name, why in (("nope", ""), ("sample_key", " (an item already has that key)")):
         with pytest.raises(ValueError) as info:
