@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import sys
 import threading
 import time
 import urllib.parse
@@ -37,6 +38,12 @@ class Request:
 
 class _Threading(ThreadingHTTPServer):
     request_queue_size = 512  # clients open many connections at once (the default is 5)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that hangs up (a pool closed at exit, a reader that stopped) is
+        # routine here; anything else is printed as socketserver does.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class _Server:
