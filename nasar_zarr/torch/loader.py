@@ -132,11 +132,9 @@ class CubeDataLoader(DataLoader):
         collection. ``close()``, or ``with dataloader(...) as loader:``, makes
         the shutdown immediate and deterministic.
         """
-        iterator = getattr(self, "_iterator", None)
-        self._iterator = None
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        iterator, self._iterator = self._iterator, None  # set only with persistent workers
+        if iterator is not None:
+            iterator._shutdown_workers()  # type: ignore[attr-defined]  # a multiprocess one
 
     def __enter__(self) -> CubeDataLoader:
         return self
